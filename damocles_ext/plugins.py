@@ -120,11 +120,8 @@ def _origin_of(plugin: object, dist: importlib.metadata.Distribution | None, val
     if dist is not None:
         parts.append(f"{dist.metadata['Name']} {dist.version}")
     parts.append(f"entry point {value!r}" if value else "registered directly")
-    module_file = getattr(plugin, "__file__", None)
-    if module_file is None:
-        module = inspect.getmodule(plugin)
-        module_file = getattr(module, "__file__", None)
-    if module_file:
+    module = plugin if getattr(plugin, "__file__", None) else inspect.getmodule(plugin)
+    if module_file := getattr(module, "__file__", None):
         parts.append(module_file)
     return ", ".join(parts)
 
@@ -161,8 +158,7 @@ def register_plugin(
     except Exception as exc:  # noqa: BLE001 - pluggy raises ValueError / PluginValidationError
         pm.load_errors.append(PluginLoadError(name, origin, describe(exc)))
         return False
-    problems = _unknown_hooks(pm, plugin)
-    if problems:
+    if problems := _unknown_hooks(pm, plugin):
         pm.unregister(plugin)
         pm.load_errors.append(PluginLoadError(name, origin, "; ".join(problems)))
         return False
@@ -212,25 +208,34 @@ def _unreadable_entry_points(
 def load_entry_points(pm: DextPluginManager, group: str = ENTRY_POINT_GROUP) -> int:
     """Load every plugin of the entry-point group; failures are recorded, not raised."""
     count = 0
+    owners: dict[str, str] = {}  # entry point name -> the distribution that had it first
     for ep, dist in _entry_points(pm, group):
-        if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
-            continue
-        if any(e.name == ep.name for e in pm.load_errors):
-            continue  # a shadowed copy of a plugin that already failed
-        try:
-            plugin = ep.load()
-        except KeyboardInterrupt:
-            raise
-        except BaseException as exc:  # noqa: BLE001 - recorded, not fatal
-            origin = f"{dist.metadata['Name']} {dist.version}, entry point {ep.value!r}"
-            error = describe(exc)
-            log.warning("plugin %r (%s) failed to load: %s", ep.name, origin, error)
-            pm.load_errors.append(PluginLoadError(ep.name, origin, error))
-            continue
-        if register_plugin(
-            pm, plugin, ep.name, origin=_origin_of(plugin, dist, ep.value), version=dist.version
-        ):
-            count += 1
+        failed = {e.name for e in pm.load_errors}
+        origin = f"{dist.metadata['Name']} {dist.version}, entry point {ep.value!r}"
+        owner = owners.setdefault(ep.name, dist.metadata["Name"] or "?")
+        if owner != (dist.metadata["Name"] or "?") and not pm.is_blocked(ep.name):
+            # Not a shadowed copy: it was dropped unsaid (which one loads follows sys.path).
+            error = (
+                f"not loaded: distribution {owner!r} has a plugin of that name, loaded instead;"
+                " two distributions' plugins cannot share a name: rename one's entry point"
+            )
+            said = "was"
+        elif pm.has_plugin(ep.name) or pm.is_blocked(ep.name) or ep.name in failed:
+            continue  # (a shadowed copy, or one of a plugin that already failed)
+        else:
+            try:
+                plugin = ep.load()
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # noqa: BLE001 - recorded, not fatal
+                error, said = describe(exc), "failed to load:"
+            else:
+                if register_plugin(pm, plugin, ep.name, origin=_origin_of(plugin, dist, ep.value),
+                                   version=dist.version):  # fmt: skip
+                    count += 1
+                continue
+        log.warning("plugin %r (%s) %s %s", ep.name, origin, said, error)
+        pm.load_errors.append(PluginLoadError(ep.name, origin, error))
     return count
 
 

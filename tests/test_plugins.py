@@ -170,6 +170,39 @@ def test_a_distribution_whose_entry_points_file_is_corrupt_fails_alone(tmp_path,
     assert "each line under [damocles_ext] is NAME = module" in failure.error
 
 
+OFFERS = """
+from damocles_ext.hookspecs import ProverSpec, hookimpl
+
+@hookimpl
+def dext_provers():
+    return [ProverSpec(name=%r, stages=("window_post",), factory=lambda options: None)]
+"""
+
+
+def test_two_distributions_plugins_of_one_name_are_an_error_not_one_dropped_unsaid(
+    tmp_path, monkeypatch
+):
+    # Which one loads follows sys.path; the other was skipped as a "shadowed copy": its provers
+    # "unknown, install the plugin", and no load error (a vendor's "native" hid ours so).
+    for dist, module, prover in [("vendor-a", "dup_a", "gpu_a"), ("vendor-b", "dup_b", "gpu_b")]:
+        (tmp_path / f"{module}.py").write_text(OFFERS % prover)
+        info = tmp_path / f"{dist.replace('-', '_')}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        (info / "entry_points.txt").write_text(f"[damocles_ext]\ngpu = {module}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pm = plugins.get_plugin_manager()
+    [failure] = pm.load_errors
+    loaded, dropped = (
+        ("vendor-a", "vendor-b") if "vendor-a" in pm.origins["gpu"] else ("vendor-b", "vendor-a")
+    )
+    assert failure.name == "gpu" and failure.origin.startswith(f"{dropped} 1.0"), failure
+    assert f"distribution {loaded!r} has a plugin of that name" in failure.error
+    assert "rename one's entry point" in failure.error
+    with pytest.raises(plugins.PluginError, match="plugins that failed to load: gpu"):
+        plugins.find_prover(pm, "gpu_b" if dropped == "vendor-b" else "gpu_a")
+
+
 def test_plugins_command_lists_provers_origins_and_broken_plugins(tmp_path):
     make_plugin_dist(
         tmp_path,
