@@ -4,11 +4,13 @@ the slots the config that serve reads supervises for that stage."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -286,6 +288,104 @@ Concurrent = 2
             " slot(s) stay idle; set Concurrent = 3 (or more) in that table"
         )
     ]  # the WinPost entry's 2 match the run's 2 winning_post slots
+
+
+@contextlib.contextmanager
+def _listening(argv: list[str]) -> Iterator[None]:
+    """A damocles-ext process (`run`, `worker`) whose control socket listens, stopped (SIGTERM)
+    and waited for at the end."""
+    import subprocess
+    import threading
+
+    from helpers.frontend import DEXT, dext_env
+
+    proc = subprocess.Popen(
+        [*DEXT, *argv], env=dext_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    listening = threading.Event()
+    log: list[bytes] = []
+
+    def drain() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.append(line)
+            if b"control socket listening on" in line:
+                listening.set()
+        listening.set()
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        assert listening.wait(60) and proc.poll() is None, b"".join(log).decode()
+        yield
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0, b"".join(log).decode()
+
+
+def test_a_connect_entry_whose_run_has_no_child_of_its_stage_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    from helpers.frontend import short_socket_dir
+
+    ours = _ours(tmp_path / "ours", '[[WdPost]]\nPlugin = "echo"\n')  # no [[WinPost]]
+    with short_socket_dir("m", tmp_path.name) as runtime:
+        socket = runtime / "control.sock"
+        manager = tmp_path / "manager.cfg"
+        manager.write_text(f"""
+[[WdPost]]
+Bin = "damocles-ext"
+Args = ["serve", "window_post", "--connect", "{socket}"]
+
+[[WinPost]]
+Bin = "damocles-ext"
+Args = ["serve", "winning_post", "--connect", "{socket}"]
+""")
+        with _listening(["run", "-c", str(ours), "--socket", str(socket)]):
+            _, errors = _refused(capsys, "-c", str(manager))
+    # In serve's own words (it exits 2 with them before its ready line).
+    assert errors == [
+        (
+            f"{manager}: WinPost[0] runs `damocles-ext serve winning_post --connect {socket}`, which"
+            f" will exit 2: the supervisor at {socket} has no [[WinPost]] child, so it cannot prove"
+            " winning_post requests; add a [[WinPost]] table to the config of that `damocles-ext"
+            " run` and restart it"
+        )
+    ], errors
+
+
+def test_a_connect_entry_at_the_socket_of_a_worker_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    import socket as sockets
+
+    from helpers.frontend import empty_store, short_socket_dir
+
+    ours = _ours(tmp_path / "ours", '[[WdPost]]\nPlugin = "echo"\n')
+    with short_socket_dir("m", tmp_path.name) as runtime, sockets.socket() as peer:
+        peer.bind(("127.0.0.1", 0))
+        peer.listen()  # the worker's manager: takes its connection, never answers
+        socket = runtime / "w.sock"
+        manager = tmp_path / "manager.cfg"
+        manager.write_text(f"""
+[[WdPost]]
+Bin = "damocles-ext"
+Args = ["serve", "window_post", "--connect", "{socket}"]
+""")
+        worker = [
+            "worker", "--manager", f"127.0.0.1:{peer.getsockname()[1]}", "-c", str(ours),
+            "--attached", f"store-a={empty_store()}", "--socket", str(socket),
+        ]  # fmt: skip
+        with _listening(worker):
+            _, errors = _refused(capsys, "-c", str(manager))
+    assert errors == [
+        (
+            f"{manager}: WdPost[0] runs `damocles-ext serve window_post --connect {socket}`, which"
+            f" will exit 2: {socket} is the control socket of a `damocles-ext worker`, which answers"
+            " status only and proves the jobs it pulls from its manager, not requests; give"
+            " --connect the --socket path of a `damocles-ext run` instead"
+        )
+    ], errors
 
 
 def test_an_entry_that_runs_serve_jobs_is_not_checked_against_slots_it_does_not_have(

@@ -333,10 +333,15 @@ def manager_entry_findings(
         if parsed.connect is not None:
             socket = None if parsed.connect is True else parsed.connect
             found = _running_slots(socket, entry.stage)
-            if found is not None and entry.concurrent < found[1]:
+            if found is None:
+                continue
+            run_at, slots = found
+            if isinstance(slots, str):  # (serve's words say what to fix)
+                errors.append(f"{where} runs `{command}`, which will exit 2: {slots}")
+            elif entry.concurrent < slots:
                 warnings.append(
-                    _idle_slots(where, entry.concurrent, found[1], entry.stage,
-                                f"the `damocles-ext run` at {found[0]} that its"
+                    _idle_slots(where, entry.concurrent, slots, entry.stage,
+                                f"the `damocles-ext run` at {run_at} that its"
                                 f" `damocles-ext serve {entry.stage} --connect` forwards to")
                 )  # fmt: skip
             continue
@@ -548,27 +553,33 @@ def _idle_slots(where: str, concurrent: int, slots: int, stage: str, supervisor:
     )
 
 
-def _running_slots(socket: str | None, stage: str) -> tuple[str, int] | None:
-    """(socket path, request slots of `stage`) of the `run` answering at `socket`, else None."""
+def _running_slots(socket: str | None, stage: str) -> tuple[str, int | str] | None:
+    """(socket path, request slots of `stage` of the `run` answering at `socket`, or why
+    `serve <stage> --connect` exits 2 at its start there, in its own words); None when nothing
+    (of ours, of a schema we read) answers there."""
     import trio
 
     from damocles_ext.errors import DextError
     from damocles_ext.frontends.control_socket import default_socket_path
+    from damocles_ext.frontends.forwarder import status_and_problem
     from damocles_ext.stages import child_stages
     from damocles_ext.status import StatusError
 
     path = socket if socket is not None else str(default_socket_path())
     stages = child_stages(stage)
 
-    async def ask() -> int:
+    async def ask() -> int | str | None:
         from damocles_ext.client import connect
 
         with trio.fail_after(5):
             async with connect(path) as client:
-                doc = await client.status()
-        return sum(c.capacity for c in doc.children if c.stage in stages)
+                doc, problem = await status_and_problem(client, stage, warn=False)
+        if problem is not None:
+            return problem
+        return None if doc is None else sum(c.capacity for c in doc.children if c.stage in stages)
 
     try:
-        return path, trio.run(ask)
+        found = trio.run(ask)
     except (DextError, StatusError, OSError, trio.TooSlowError):
         return None  # nothing (of ours, of a schema we read) answers there: nothing to compare
+    return None if found is None else (path, found)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from ..client import Client, ReconnectingClient
+    from ..status import StatusDocument
 
 log = logging.getLogger("damocles_ext.serve")
 
@@ -50,22 +51,31 @@ async def stage_problem(
     supervisor older than Response.kind (a newer one says a usage error in its answer). A status
     that does not come is None, said in a warning if `warn` (serve goes on without the check).
     """
+    return (await status_and_problem(remote, stage, flag, warn=warn))[1]
+
+
+async def status_and_problem(
+    remote: Client | ReconnectingClient, stage: str, flag: str = "--connect", *, warn: bool = True
+) -> tuple[StatusDocument | None, str | None]:
+    """(the status document of the supervisor at the other end, or None when none came; why it
+    cannot serve `stage`, as stage_problem says it, or None); check-config counts the slots
+    that `serve --connect` forwards to in the document."""
     try:
         with trio.fail_after(3):
             doc = await remote.status()
     except NotStartedError:  # a worker's, which has not started its children yet
-        return _worker_socket_problem(remote.path, flag)
+        return None, _worker_socket_problem(remote.path, flag)
     except (ProverError, trio.TooSlowError) as exc:
         if warn:
             why = str(exc) or "its status did not come within 3 s (is it stopped or overloaded?)"
             log.warning("could not check that %s serves %s (going on): %s", remote.path, stage, why)
-        return None
+        return None, None
     if doc.worker is not None:
-        return _worker_socket_problem(remote.path, flag)
+        return doc, _worker_socket_problem(remote.path, flag)
     served = {c.stage for c in doc.children}
     if can_serve(stage, served):
-        return None
-    return no_child_problem(remote.path, stage, lambda s: can_serve(s, served))
+        return doc, None
+    return doc, no_child_problem(remote.path, stage, lambda s: can_serve(s, served))
 
 
 def _worker_socket_problem(path: str | Path, flag: str) -> str:
