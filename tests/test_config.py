@@ -1230,6 +1230,26 @@ def test_example_config_documents_every_key() -> None:
         assert f"# {key} (" in text, f"{key} is not documented in ext-prover.cfg.example"
 
 
+def test_example_config_says_how_a_plugin_child_gets_its_options_as_the_supervisor_passes_them():
+    from damocles_ext.config.startup import child_env
+    from damocles_ext.options import OPTIONS_ENV
+
+    text = EXAMPLE.read_text()
+    # The command line the example shows for a Plugin child has the options of the real one.
+    [shown] = re.findall(r"`python -m damocles_ext child ([^`]*)`", text)
+    child = parse_config(
+        '[[WdPost]]\nPlugin = "sleep"\nPluginOptions = { seconds = 1 }\n', "t.cfg"
+    ).children[0]
+    real = child.argv[child.argv.index("child") + 1 :]
+    assert [w for w in shown.split() if w.startswith("--")] == [
+        w for w in real if w.startswith("--")
+    ], shown
+    # Its PluginOptions travel in the environment variable the example names.
+    assert OPTIONS_ENV in child_env(child)
+    said = text[text.index("# PluginOptions (") :].split("\n\n")[0]
+    assert OPTIONS_ENV in said and "JSON" in said, said
+
+
 # ---------------------------------------------------------------------------------------------
 # check-config
 
