@@ -266,3 +266,35 @@ def test_a_heartbeat_interval_near_the_managers_timeout_is_warned_about(tmp_path
     assert "one late or lost heartbeat costs the job" in err
     assert "keep it at most a third of the manager's HeartbeatTimeout" in err
     assert "--heartbeat-interval" not in warned("3s")
+
+
+def test_a_worker_does_not_warn_about_the_winpost_children_it_does_not_start(tmp_path):
+    # The manager's own ext-prover.cfg, as docs/WORKER.md says it may be given: its [[WinPost]]
+    # child shares bellperson's lock files in /tmp with the [[WdPost]] one, and sets a key that
+    # has no effect. `run` starts both and says so; the worker starts only the WdPost child.
+    # Both stop at once after their warnings: their socket's directory is not private.
+    table = (
+        f"Bin = {json.dumps(sys.executable)}\nArgs = ['-c', 'pass']\n"
+        'Protocol = "jsonl"\nHeartbeatTimeoutSecs = 30\n'
+    )
+    cfg = tmp_path / "ext-prover.cfg"
+    cfg.write_text(f"[[WdPost]]\n{table}\n[[WinPost]]\n{table}")
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    worker = dext_run(
+        "worker", "--manager", "127.0.0.1:1", "-c", str(cfg), "--socket", str(shared / "w.sock")
+    )
+    run = dext_run("run", "-c", str(cfg), "--socket", str(shared / "r.sock"))
+    said = {}
+    for name, result in [("worker", worker), ("run", run)]:
+        err = result.stderr.decode()
+        assert result.returncode == 2 and "not private" in err and "Traceback" not in err, err
+        said[name] = err
+    lock_files = "winning_post#0 and window_post#0 keep bellperson's GPU lock files"
+    assert lock_files in said["run"] and "WinPost[0]: HeartbeatTimeoutSecs" in said["run"]
+    assert lock_files not in said["worker"], said["worker"]
+    assert "WinPost[0]" not in said["worker"], said["worker"]
+    # What is said of its own children still is, and what it does not start is named.
+    assert "WdPost[0]: HeartbeatTimeoutSecs has no effect" in said["worker"], said["worker"]
+    assert "children of other tables are not started (winning_post#0)" in said["worker"]

@@ -198,16 +198,27 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
-def load_config_from_args(args: argparse.Namespace, stage: str | None = None) -> Config:
+def load_config_from_args(
+    args: argparse.Namespace, stage: str | None = None, *, started_only: bool = False
+) -> Config:
     """The config named by -c/--conf-dir; its warnings are logged (for the children of `stage`
     only: not those that hold where one supervisor runs every stage), under the logger of the
-    command that loads it (`damocles_ext.run`, `damocles_ext.prove`, ...)."""
-    from damocles_ext.config import load_conf_dir, load_config
+    command that loads it (`damocles_ext.run`, `damocles_ext.prove`, ...). `started_only`: the
+    command starts only the children of `stage` (`worker`): the warnings about the others are
+    not logged either."""
+    from damocles_ext.config import load_conf_dir, load_config, warnings_for
 
     config = load_config(args.config) if args.config is not None else load_conf_dir(args.conf_dir)
     command = getattr(args, "command", None) or "cli"
     log = logging.getLogger(f"damocles_ext.{command.replace('-', '_')}")
-    for warning in config.warnings + (config.run_warnings if stage is None else []):
+    if stage is None:
+        warnings = config.warnings + config.run_warnings
+    elif started_only:
+        stages = child_stages(stage)
+        warnings = warnings_for(config, [c for c in config.children if c.stage in stages])
+    else:
+        warnings = config.warnings
+    for warning in warnings:
         log.warning("%s: %s", config.source, warning)
     return config
 

@@ -412,7 +412,8 @@ def _settings(
             "source": file.source,
         }
     else:
-        config = load_config_from_args(args, "window_post")
+        # (not warning about the children it does not start)
+        config = load_config_from_args(args, "window_post", started_only=True)
         children = children_of(config, "window_post")
         ignored = [c for c in config.children if c not in children]
         if ignored:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .keys import VALID_KEYS, NonNegFloat, NonNegInt, PosFloat, PosInt
-from .load import load_conf_dir, load_config, parse_config
+from .load import load_conf_dir, load_config, parse_config, warnings_for
 from .machine import GpuProbe, default_tmp_root, detect_gpus, probe_gpus
 from .spec import (
     CONF_FILE_NAME,
@@ -150,4 +150,5 @@ __all__ = [
     "program_problem",
     "serve_args",
     "startup_problems",
+    "warnings_for",
 ]

@@ -174,6 +174,7 @@ class DamoclesWorkerConfig(msgspec.Struct, frozen=True):
             source=self.source,
             children=list(self.children),
             warnings=list(self.warnings),
+            scoped_warnings=[(None, w) for w in self.warnings],
             tmp_root=self.tmp_root,
             dialect="damocles-worker.toml",
         )

@@ -9,6 +9,16 @@ from .spec import ChildSpec, serve_args
 from .startup import env_value, gpu_numbers
 
 
+def gpu_warnings(children: list[ChildSpec]) -> list[str]:
+    """What `children` share through their GPUs that costs time wherever each stage has its own
+    supervisor: bellperson's lock files in one TMPDIR, GPUs numbered two ways."""
+    return (
+        winning_shares_lock_dir(children)
+        + window_shares_lock_dir(children)
+        + gpu_numbered_two_ways(children)
+    )
+
+
 def winning_waits_for_window(children: list[ChildSpec]) -> list[str]:
     """A WinningPoSt child holding a GPU's lock that WindowPoSt children hold too waits for their
     requests on that GPU (long ones: minutes), past its ~20 s budget: said once per table. The

@@ -17,13 +17,7 @@ import msgspec
 
 from ..regular_file import NotRegularFile, open_regular
 from . import machine
-from .gpu_checks import (
-    ORDER,
-    gpu_numbered_two_ways,
-    window_shares_lock_dir,
-    winning_shares_lock_dir,
-    winning_waits_for_window,
-)
+from .gpu_checks import ORDER, gpu_warnings, winning_waits_for_window
 from .keys import _RULES, VALID_KEYS, _Block, _check_block, _check_key, _parse_cpuset
 from .messages import _TABLE_ALIASES, _show, _suggest, _syntax_error
 from .spec import (
@@ -298,17 +292,24 @@ def parse_config(text: str, source: str, *, tmp_root: str | None = None) -> Conf
         raise GpuDriverNotReady(source, errors)  # nothing to fix in the file: exit 75, not 2
     if errors:
         raise ConfigError(source, errors)
-    warnings = builder.warnings + winning_shares_lock_dir(builder.children)
-    warnings += window_shares_lock_dir(builder.children)
-    warnings += gpu_numbered_two_ways(builder.children)
     return Config(
         source=source,
         children=builder.children,
-        warnings=warnings,
+        warnings=[w for _, w in builder.warnings] + gpu_warnings(builder.children),
+        scoped_warnings=builder.warnings,
         tmp_root=tmp_root,
         run_warnings=winning_waits_for_window(builder.children),
         gpus_found=None if builder.gpus is None else list(builder.gpus.gpus),
     )
+
+
+def warnings_for(config: Config, children: list[ChildSpec]) -> list[str]:
+    """`config.warnings` as they are for a process that starts only `children` of it (`worker`
+    starts no [[WinPost]] child): those about the other tables left out, and what children share
+    through their GPUs found among these children only."""
+    started = {(child.stage, child.block) for child in children}
+    kept = [w for scope, w in config.scoped_warnings if scope is None or scope in started]
+    return kept + gpu_warnings(children)
 
 
 def _has_header(text: str, table: str) -> bool:
@@ -369,12 +370,17 @@ class _Builder:
     def __init__(self, tmp_root: str) -> None:
         self.tmp_root = tmp_root
         self.children: list[ChildSpec] = []
-        self.warnings: list[str] = []
+        # Each with the (stage, block) of the table it is about, None for the file's.
+        self.warnings: list[tuple[tuple[str, int] | None, str]] = []
         self._next_index = dict.fromkeys(STAGE_OF_TABLE.values(), 0)
         self.gpus: machine.GpuProbe | None = None
         self.partial_said = False  # a GPU listing cut short by an error, warned once
         # The errors that only say the GPU driver did not answer (yet): a later start may pass.
         self.not_ready: list[str] = []
+
+    def _warn(self, scope: tuple[str, int] | None, text: str) -> None:
+        """Keep `text`, a warning about the table of (stage, block) `scope`, or the file's."""
+        self.warnings.append((scope, text))
 
     def _detected_gpus(self, where: str) -> machine.GpuProbe:
         if self.gpus is None:  # once per file: nvidia-smi is slow
@@ -384,17 +390,19 @@ class _Builder:
             if took > machine.SLOW_GPU_PROBE:
                 # Without the driver's persistence mode, each start of NVML or nvidia-smi brings
                 # the GPUs up: seconds per machine, before `serve`'s ready line.
-                self.warnings.append(
+                self._warn(
+                    None,
                     f'{where}.Gpus: "all" took {took:.1f} s to find the GPUs, and `serve` says'
                     " ready only after it: damocles-manager waits 5 s (its ReadyTimeoutSecs) and"
                     " fails its start past that. Turn on the driver's persistence mode"
                     " (nvidia-persistenced, or nvidia-smi -pm 1), which makes it quick, or list"
-                    " the GPUs, e.g. Gpus = [0, 1]"
+                    " the GPUs, e.g. Gpus = [0, 1]",
                 )
         return self.gpus
 
     def add_block(self, table: str, stage: str, block_index: int, raw: dict[str, Any]) -> list[str]:
         where = f"{table}[{block_index}]"
+        scope = (stage, block_index)
         raw, errors = _fold_case(raw, _RULES, where)
         good: dict[str, Any] = {}
         for key, value in raw.items():
@@ -431,7 +439,7 @@ class _Builder:
                         f'"dext" or "auto"'
                     )
                 ]
-        argv, kind = self._program(where, stage, block)
+        argv, kind = self._program(where, scope, block)
         gpus: list[int | None] = [None]
         if block.gpus == "all":
             probe = self._detected_gpus(where)
@@ -463,22 +471,25 @@ class _Builder:
             gpus = list(probe.gpus)
             if probe.partial is not None and not self.partial_said:
                 self.partial_said = True
-                self.warnings.append(
+                self._warn(
+                    None,  # (said once, for every table of Gpus = "all")
                     f'{where}.Gpus: "all" takes only the GPUs listed,'
-                    f" {', '.join(map(str, gpus))}, as the driver said ({probe.partial})"
+                    f" {', '.join(map(str, gpus))}, as the driver said ({probe.partial})",
                 )
         elif block.gpus is not None:
             gpus = list(block.gpus)
         if block.gpus is not None and "CUDA_VISIBLE_DEVICES" in block.envs:
-            self.warnings.append(
+            self._warn(
+                scope,
                 f"{where}: Envs sets CUDA_VISIBLE_DEVICES, which overrides Gpus: all "
                 f"{len(gpus)} children get CUDA_VISIBLE_DEVICES="
-                f"{block.envs['CUDA_VISIBLE_DEVICES']}; remove one of the two"
+                f"{block.envs['CUDA_VISIBLE_DEVICES']}; remove one of the two",
             )
         if block.heartbeat_timeout_secs and block.protocol == "jsonl":
-            self.warnings.append(
+            self._warn(
+                scope,
                 f'{where}: HeartbeatTimeoutSecs has no effect with Protocol = "jsonl" '
-                f"(damocles' JSON lines carry no progress)"
+                f"(damocles' JSON lines carry no progress)",
             )
 
         for gpu in gpus:
@@ -499,7 +510,10 @@ class _Builder:
             self.children.append(child)
         return []
 
-    def _program(self, where: str, stage: str, block: _Block) -> tuple[tuple[str, ...], str]:
+    def _program(
+        self, where: str, scope: tuple[str, int], block: _Block
+    ) -> tuple[tuple[str, ...], str]:
+        stage = scope[0]
         if block.bin is not None:
             # Kept as written: a bare name is looked up on PATH and a relative path is taken from
             # the supervisor's working directory, as Go's exec.Command does for damocles. Whether
@@ -519,9 +533,10 @@ class _Builder:
             return tuple(argv), "plugin"
         # damocles' default. damocles looks next to its own binary; we have none, so PATH.
         if block.args is not None:
-            self.warnings.append(
+            self._warn(
+                scope,
                 f"{where}: Args is ignored because Bin is not set (damocles does the same and "
-                f"runs `{DAMOCLES_WORKER} processor {stage}`); set Bin to use Args"
+                f"runs `{DAMOCLES_WORKER} processor {stage}`); set Bin to use Args",
             )
         return (DAMOCLES_WORKER, "processor", stage), "damocles-worker"
 

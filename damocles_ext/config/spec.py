@@ -174,6 +174,10 @@ class Config(msgspec.Struct):
     warnings: list[str]
     tmp_root: str  # where Gpus puts its TMPDIRs: $DAMOCLES_EXT_TMP_ROOT or default_tmp_root()
     run_warnings: list[str] = msgspec.field(default_factory=list)
+    #: The warnings of `warnings` about the file's tables and keys (the others are what its
+    #: children share through their GPUs), each with the (stage, block) of the table it is
+    #: about, or None for the whole file's: load.warnings_for picks from them.
+    scoped_warnings: list[tuple[tuple[str, int] | None, str]] = msgspec.field(default_factory=list)
     #: The GPUs found for `Gpus = "all"` (NVML or nvidia-smi -L), as the children were given
     #: them; None when no table asked.
     gpus_found: list[int] | None = None
