@@ -52,6 +52,26 @@ def make_and_remove(store: JobStore, batches: int, jobs: int = 100) -> None:
         store.remove_all(T0)
 
 
+def test_a_store_opened_to_read_reads_beside_a_writers_transaction(tmp_path):
+    # `wdpost list` and `status --jobs` open the store read-only: their transactions began with
+    # BEGIN IMMEDIATE, SQLite's write lock, so a writer inside a transaction (a coordinator
+    # stopped mid-call, a `sqlite3` shell) made them wait its busy timeout and fail, and a long
+    # list held the writers up. WAL lets a reader read beside a writer: they now do.
+    path = tmp_path / "jobs.db"
+    with JobStore.open(f"sqlite:///{path}") as store:
+        made, _ = store.create(make_input(), T0)
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as writer:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE dext_wdpost_jobs SET deadline_idx = deadline_idx")
+        url = f"sqlite:///{path}"
+        with JobStore.open(url, read_only=True, busy_timeout=0.5) as reader:
+            assert [job.Id for job in reader.list_jobs()] == [made.Id]
+            assert reader.summary(T0).total == 1
+        writer.execute("COMMIT")
+    with JobStore.open(f"sqlite:///{path}", busy_timeout=0.5) as store:  # (writers still write)
+        store.remove(made.Id, T0)
+
+
 def test_the_write_ahead_log_shrinks_back_once_a_reader_that_held_it_open_is_gone(tmp_path):
     # A reader that keeps one snapshot (a `sqlite3` shell left in a transaction, a backup)
     # stops every checkpoint: the log grows with each write. Once it is gone the log is copied

@@ -257,7 +257,20 @@ def _sqlite_setup(engine: Engine, busy_timeout: float) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # A store opened to read only begins deferred: its reads take no write lock, and WAL
+        # lets them read beside a writer (`wdpost list` waited on a writer's transaction, and
+        # held the writers up while it read).
+        reads_only = conn.get_execution_options().get(READS_ONLY, False)
+        conn.exec_driver_sql("BEGIN" if reads_only else "BEGIN IMMEDIATE")
+
+
+#: The execution option of an engine whose SQLite transactions only read (`reads_only`).
+READS_ONLY = "dext_reads_only"
+
+
+def reads_only(engine: Engine) -> Engine:
+    """`engine` for a store opened to read only: on SQLite its transactions begin deferred."""
+    return engine.execution_options(**{READS_ONLY: True})
 
 
 def pg_tcp_settings(url: URL) -> dict[str, int]:
@@ -266,8 +279,10 @@ def pg_tcp_settings(url: URL) -> dict[str, int]:
 
 
 def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
-                connect_timeout: int = DEFAULT_CONNECT_TIMEOUT, pool_size: int = 8) -> Engine:  # fmt: skip
-    """An engine for a store URL (not yet connected)."""
+                connect_timeout: int = DEFAULT_CONNECT_TIMEOUT, pool_size: int = 8,
+                read_only: bool = False) -> Engine:  # fmt: skip
+    """An engine for a store URL (not yet connected); `read_only`: a store opened to read only
+    (on SQLite its transactions begin deferred: `reads_only`)."""
     parsed = parse_url(url)
     try:
         if parsed.get_backend_name() == "sqlite":
@@ -278,7 +293,7 @@ def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
                 max_overflow=pool_size,
             )
             _sqlite_setup(engine, busy_timeout)
-            return engine
+            return reads_only(engine) if read_only else engine
         tcp = pg_tcp_settings(parsed)
         engine = sa.create_engine(
             parsed,

@@ -2,15 +2,16 @@
 
 Each operation is one transaction (remove_all: one per batch of jobs) that reads the rows it
 concerns, asks the rules (rules.py) what they become, and writes that back: the rules decide,
-the store persists atomically. Two
-processes may share one PostgreSQL database (several coordinators and producers at once), so
-nothing here keeps state between calls, and every write is guarded:
+the store persists atomically. Two processes may share one PostgreSQL database (several
+coordinators and producers at once), so nothing here keeps state between calls, and every write
+is guarded:
 
 - rows an operation changes are read `FOR UPDATE` on PostgreSQL; allocation and the sweeps add
   `SKIP LOCKED`, so racing coordinators take different jobs instead of waiting on each other,
   and so do heartbeats (a held job's heartbeat waits for its next);
 - on SQLite every transaction starts with `BEGIN IMMEDIATE` (one writer at a time, the others
-  wait up to the busy timeout), in WAL mode so readers never block;
+  wait up to the busy timeout; a store opened read-only begins deferred), in WAL mode so readers
+  never block;
 - each UPDATE and DELETE also names the row's previous state, try count and update time, and a
   write that finds the row changed under it raises `StoreConflict` rather than overwrite it
   (its transaction rolled back, the operation is run again from its start: retry.py);
@@ -107,16 +108,15 @@ class JobStore:
     """The job store at one URL. Thread-safe: each call is one transaction on its own connection."""
 
     def __init__(self, url: str, *, limits: rules.JobLimits | None = None,
-                 busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+                 busy_timeout: float = DEFAULT_BUSY_TIMEOUT, read_only: bool = False,
                  connect_timeout: int = DEFAULT_CONNECT_TIMEOUT, pool_size: int = 8,
                  lease_factory: Callable[[], str] | None = None) -> None:  # fmt: skip
         self.url = parse_url(url)
         # As the user wrote it (password hidden): the driver we chose is not theirs to see.
         self.where = describe_url(url)
         self.limits = limits if limits is not None else rules.JobLimits()
-        self.engine = make_engine(
-            url, busy_timeout=busy_timeout, connect_timeout=connect_timeout, pool_size=pool_size
-        )
+        self.engine = make_engine(url, busy_timeout=busy_timeout, connect_timeout=connect_timeout,
+                                  pool_size=pool_size, read_only=read_only)  # fmt: skip
         self.is_postgresql = self.engine.dialect.name == "postgresql"
         self._insert = pg_dialect.insert if self.is_postgresql else sqlite_dialect.insert
         self._new_lease = lease_factory or (lambda: secrets.token_hex(12))
@@ -159,7 +159,7 @@ class JobStore:
         if open_timeout is not None:
             busy = min(open_timeout, kwargs.get("busy_timeout", DEFAULT_BUSY_TIMEOUT))
             opening = dict(kwargs, busy_timeout=busy)
-        store = cls(url, **opening)
+        store = cls(url, read_only=read_only, **opening)
         try:
             # (A copy read on a network file system is no danger: only a store written there.)
             if store.file_watch and not read_only and (why := store.file_watch.on_network()):
@@ -178,7 +178,7 @@ class JobStore:
         if opening is kwargs:
             return store
         store.close()  # its connections wait for locks only open_timeout long
-        waiting = cls(url, **kwargs)
+        waiting = cls(url, read_only=read_only, **kwargs)
         waiting.version = store.version  # read-only: the schema found, not this damocles-ext's
         return waiting
 
