@@ -453,6 +453,30 @@ def test_scan_persist_stores_adds_the_stores_it_finds_as_damocles_manager_scans_
         parse_manager_config("[Common]\nScanPersistStores = '/mnt/*'\n", "sm.cfg")
 
 
+def test_a_scanned_store_whose_name_is_given_twice_is_named_by_the_last_as_go_reads_it(tmp_path):
+    # Go's encoding/json: keys whatever their case, the last one in the file wins. json.loads
+    # kept a repeated key at its first place with its last value: {"name": "a", "Name": "b",
+    # "name": "c"} named the store "b" where damocles-manager names it "c".
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sectorstore.json").write_text('{"name": "a", "Name": "b", "name": "c"}')
+    cfg = parse_manager_config(f"[Common]\nScanPersistStores = ['{tmp_path}/*']\n", "sm.cfg")
+    assert cfg.stores == {"c": f"{tmp_path}/s"}
+    for meta, said in (("[]", "is not a JSON object"), ('{"Name": {"a": 1}}', "not an object")):
+        (tmp_path / "s" / "sectorstore.json").write_text(meta)
+        with pytest.raises(ManagerConfigError, match=said):
+            parse_manager_config(f"[Common]\nScanPersistStores = ['{tmp_path}/*']\n", "sm.cfg")
+
+
+def test_a_scan_pattern_holding_a_nul_is_an_error_naming_it_not_a_traceback():
+    # glob raised ValueError ("embedded null byte"): a traceback from wdpost list, check-config,
+    # the coordinator and serve --jobs alike.
+    text = '[Common]\nScanPersistStores = ["/mnt/\\u0000/*"]\n'
+    with pytest.raises(
+        ManagerConfigError, match=r"ScanPersistStores\[0\] '/mnt/\\x00/\*' holds a NUL"
+    ):
+        parse_manager_config(text, "sm.cfg")
+
+
 @pytest.mark.parametrize(
     ("line", "words"),
     [

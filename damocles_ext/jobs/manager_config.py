@@ -276,7 +276,8 @@ def _kind(value: Any) -> str:
     if isinstance(value, datetime.date | datetime.time):  # TOML's dates and times
         return "a date or time"
     return {str: "a string", int: "a number", float: "a number", bool: "a boolean",
-            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)  # fmt: skip
+            list: "an array", dict: "a table", _Pairs: "an object"}.get(type(value),
+                                                                       type(value).__name__)  # fmt: skip
 
 
 def _stores(entries: Any, source: str, warnings: list[str]) -> dict[str, str]:
@@ -397,6 +398,11 @@ def _scanned(patterns: Any, source: str, stores: dict[str, str], warnings: list[
         )
     for i, pattern in enumerate(patterns):
         where = f"{source}: Common.ScanPersistStores[{i}] {pattern!r}"
+        if "\0" in pattern:  # (glob raised ValueError for it: a traceback)
+            raise ManagerConfigError(
+                f"{where} holds a NUL character, which no path can hold; write the pattern of the"
+                " store directories as it is"
+            )
         if pattern and not os.path.isabs(pattern):
             warnings.append(
                 f"{where} is relative: damocles-manager matches it from its own working"
@@ -427,6 +433,10 @@ def _scanned(patterns: Any, source: str, stores: dict[str, str], warnings: list[
             )
 
 
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object's key and value pairs, in file order."""
+
+
 def _sector_store_name(meta_path: str, where: str) -> str | None:
     """The Name (else ID, else "") in a store's sectorstore.json, read as Go's encoding/json
     fills damocles' struct (keys whatever their case, the last one written wins); None when
@@ -434,7 +444,8 @@ def _sector_store_name(meta_path: str, where: str) -> str | None:
     at first: one deleted meanwhile is none, not an error."""
     try:
         text = read_config_text(meta_path, SECTORSTORE_JSON, what="the store's sectorstore.json")
-        meta = json.loads(text)
+        # Key and value pairs in file order: a key given twice, whatever its case, is the last.
+        meta = json.loads(text, object_pairs_hook=_Pairs)
     except ConfigError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return None
@@ -450,10 +461,10 @@ def _sector_store_name(meta_path: str, where: str) -> str | None:
         ) from None
     if meta is None:  # Go's json.Unmarshal of null leaves the struct empty: named by its path
         return ""
-    if not isinstance(meta, dict):
+    if not isinstance(meta, _Pairs):
         raise ManagerConfigError(f"{where}: {meta_path} is not a JSON object; fix or remove it")
     found = {"name": "", "id": ""}
-    for key, value in meta.items():
+    for key, value in meta:
         if key.lower() not in found or value is None:
             continue
         if not isinstance(value, str):
