@@ -606,6 +606,28 @@ def prover_version(pm: DextPluginManager, prover: Prover, prover_name: str) -> s
     return __version__
 
 
+def _loading_interrupt(pm: DextPluginManager | None, prover: str, exc: BaseException) -> Exception:
+    """The PluginError for a KeyboardInterrupt a plugin raised itself (no SIGINT came) while the
+    child loaded its prover: a failed start naming the plugin, as for any other exception."""
+    from .plugins import PluginError, prover_plugin
+
+    why = f"{describe(exc)} (raised by the plugin itself: no SIGINT came)"
+    if pm is not None:  # the prover's factory raised it
+        return PluginError(
+            f"prover {prover!r} (plugin {prover_plugin(pm, prover)}) failed to start: {why}"
+        )
+    module = "?"  # a plugin's import raised it: the module importlib entered first
+    tb = exc.__traceback__
+    while tb is not None and module == "?":
+        name = tb.tb_frame.f_globals.get("__name__")
+        if isinstance(name, str) and name.partition(".")[0] not in ("damocles_ext", "importlib"):
+            module = name
+        tb = tb.tb_next
+    return PluginError(
+        f"prover {prover!r} failed to start: plugin module {module!r} raised {why} on import"
+    )
+
+
 def main(
     stage: str,
     plugin: str,
@@ -635,8 +657,14 @@ def main(
         options: Options = child_options(option_items, os.environ)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    pm = get_plugin_manager()
-    prover = load_prover(pm, plugin, options, stage)
+    pm = None
+    try:
+        pm = get_plugin_manager()
+        prover = load_prover(pm, plugin, options, stage)
+    except KeyboardInterrupt as exc:
+        if _interrupted():
+            raise  # a SIGINT while the prover loads: the child stops, as ever
+        raise _loading_interrupt(pm, plugin, exc) from None
     from .child_inline import InlineRuntime
 
     runtime = (InlineRuntime if capacity == 1 else ChildRuntime)(

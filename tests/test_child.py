@@ -354,18 +354,28 @@ QUITTING_PLUGIN = textwrap.dedent(
     def no_device(options):
         raise NoDevice("no CUDA device")
 
+    def interrupted(options):
+        raise KeyboardInterrupt("vendor lib: interrupted while loading params")
+
     @hookimpl
     def dext_provers():
         return [
             ProverSpec("quits", ("window_post",), quits),
             ProverSpec("nodevice", ("window_post",), no_device),
+            ProverSpec("kbi", ("window_post",), interrupted),
         ]
     """
 )
 
 
 @pytest.mark.parametrize(
-    ("prover", "reason"), [("quits", "SystemExit: 0"), ("nodevice", "NoDevice: no CUDA device")]
+    ("prover", "reason"),
+    [
+        ("quits", "SystemExit: 0"),
+        ("nodevice", "NoDevice: no CUDA device"),
+        # its own (no SIGINT came): a failed start naming the plugin, not a silent exit 130
+        ("kbi", "KeyboardInterrupt: vendor lib: interrupted while loading params (raised by"),
+    ],
 )
 def test_a_factory_that_exits_or_raises_a_base_exception_exits_2_naming_the_prover(
     tmp_path, prover, reason
@@ -374,6 +384,17 @@ def test_a_factory_that_exits_or_raises_a_base_exception_exits_2_naming_the_prov
     with Child("window_post", prover, pythonpath=[root]) as child:
         err = _assert_failed_start(child)
         assert f"prover {prover!r} (plugin quitting) failed to start: {reason}" in err
+
+
+def test_a_plugin_import_raising_its_own_keyboard_interrupt_exits_2_naming_the_module(tmp_path):
+    source = 'raise KeyboardInterrupt("vendor lib: interrupted while opening the device")\n'
+    root = make_plugin_dist(tmp_path, dist="kbi-import", module="kbi_import", source=source)
+    with Child("window_post", "echo", pythonpath=[root]) as child:
+        err = _assert_failed_start(child)
+        assert (
+            "prover 'echo' failed to start: plugin module 'kbi_import' raised KeyboardInterrupt:"
+            " vendor lib: interrupted while opening the device (raised by the plugin itself"
+        ) in err
 
 
 SIGNATURES_PLUGIN = textwrap.dedent(
