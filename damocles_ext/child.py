@@ -27,12 +27,10 @@ import os
 import queue
 import select
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -42,9 +40,6 @@ from .hookspecs import Cancelled, CancelToken, Options, Prover
 from .options import child_options
 from .protocol import dext, jsonl
 from .tasks import OUTPUT_TYPES, TASK_TYPES, Output, Task, stage_of
-
-if TYPE_CHECKING:
-    from .plugins import DextPluginManager
 
 log = logging.getLogger("damocles_ext.child")
 
@@ -561,73 +556,6 @@ def _output_check(output_type: type) -> Callable[[Output], object]:
     return lambda output: decoder.decode(encode(output))
 
 
-def protect_stdio() -> tuple[int, int]:
-    """Move the protocol's stdin and stdout to private fds; point fd 0 at /dev/null and fd 1 (and
-    sys.stdout) at stderr.
-
-    Stray prints, from Python or from C code in a prover, then land in the log instead of
-    corrupting the frames, and nothing a prover runs (a vendor tool it starts without
-    stdin=DEVNULL, an `input()`) reads requests meant for the runtime. The private fds are not
-    inherited (os.dup's copies are non-inheritable). Returns (the fd to read the protocol from,
-    the fd to write it to).
-    """
-    sys.stdout.flush()
-    in_fd = os.dup(0)
-    out_fd = os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return in_fd, out_fd
-
-
-def prover_version(pm: DextPluginManager, prover: Prover, prover_name: str) -> str:
-    """The version a Hello reports: the prover's own, else its plugin distribution's, else ours."""
-    try:  # a prover's attribute (a property may read a file): informative only, never fatal
-        version = getattr(prover, "version", None)
-        if version:  # (a string from a file name may hold lone surrogates: escaped)
-            return _utf8(str(version))
-    except KeyboardInterrupt:
-        raise
-    except BaseException as exc:  # noqa: BLE001 - reported; the plugin's version is told
-        log.warning(
-            "prover %s: its version cannot be read (%s); the Hello gives its plugin's",
-            prover_name,
-            describe(exc),
-        )
-    from .plugins import prover_plugin
-
-    plugin = prover_plugin(pm, prover_name)
-    if plugin and plugin in pm.versions:
-        return pm.versions[plugin]
-    from . import __version__
-
-    return __version__
-
-
-def _loading_interrupt(pm: DextPluginManager | None, prover: str, exc: BaseException) -> Exception:
-    """The PluginError for a KeyboardInterrupt a plugin raised itself (no SIGINT came) while the
-    child loaded its prover: a failed start naming the plugin, as for any other exception."""
-    from .plugins import PluginError, prover_plugin
-
-    why = f"{describe(exc)} (raised by the plugin itself: no SIGINT came)"
-    if pm is not None:  # the prover's factory raised it
-        return PluginError(
-            f"prover {prover!r} (plugin {prover_plugin(pm, prover)}) failed to start: {why}"
-        )
-    module = "?"  # a plugin's import raised it: the module importlib entered first
-    tb = exc.__traceback__
-    while tb is not None and module == "?":
-        name = tb.tb_frame.f_globals.get("__name__")
-        if isinstance(name, str) and name.partition(".")[0] not in ("damocles_ext", "importlib"):
-            module = name
-        tb = tb.tb_next
-    return PluginError(
-        f"prover {prover!r} failed to start: plugin module {module!r} raised {why} on import"
-    )
-
-
 def main(
     stage: str,
     plugin: str,
@@ -637,6 +565,12 @@ def main(
     heartbeat: float = DEFAULT_HEARTBEAT,
 ) -> int:
     """Load the prover (PluginError -> exit 2 before the ready message), then serve."""
+    from .child_process import (
+        _exit_past_lingering_threads,
+        _loading_interrupt,
+        protect_stdio,
+        prover_version,
+    )
     from .errors import UsageError
     from .plugins import get_plugin_manager, load_prover
 
@@ -678,4 +612,6 @@ def main(
         out_fd=out_fd,
         heartbeat=heartbeat,
     )
-    return runtime.run()
+    code = runtime.run()
+    _exit_past_lingering_threads(pm, plugin, code)
+    return code

@@ -622,6 +622,49 @@ async def test_a_dext_child_ignoring_shutdown_and_sigterm_is_sigkilled_after_the
     assert took < 0.3 + 0.3 + 2.0  # Shutdown wait + SIGTERM wait + the kill and reap
 
 
+LINGERING_PLUGIN = """
+import threading
+from damocles_ext.hookspecs import ProverSpec, hookimpl
+from damocles_ext_plugins.testing import echo_output
+
+class Lingering:
+    name = "lingers"
+    stages = ("window_post",)
+
+    def prove(self, task, progress, cancel):
+        return echo_output(task)
+
+def factory(options):
+    # a vendor library's poller: not a daemon, and it never ends
+    threading.Thread(target=threading.Event().wait, name="vendor-poller").start()
+    return Lingering()
+
+@hookimpl
+def dext_provers():
+    return [ProverSpec("lingers", ("window_post",), factory)]
+"""
+
+
+async def test_a_childs_thread_that_is_no_daemon_does_not_hold_it_past_shutdown(tmp_path, caplog):
+    from helpers.child import make_plugin_dist
+
+    from damocles_ext.api import open_supervisor
+
+    caplog.set_level(logging.INFO)
+    make_plugin_dist(tmp_path, dist="lingers", module="lingers_plugin", source=LINGERING_PLUGIN)
+    child = spec(builtin_child("window_post", "lingers"), envs={"PYTHONPATH": str(tmp_path)})
+    with trio.fail_after(60):
+        async with open_supervisor([child], stop_timeout=30.0, backoff=FAST) as sup:
+            await sup.wait_ready("window_post")
+            await sup.submit(window_task(miner=3))
+    assert "after it was asked to stop; SIGTERM" not in caplog.text
+    assert "stopped (shutdown); exit code 0" in caplog.text
+    assert (
+        "prover lingers (plugin lingers_plugin): thread 'vendor-poller', not a daemon, still runs"
+        " after the child ended; exiting without waiting for it"
+    ) in caplog.text
+
+
 def open_supervisor_fast(children):
     from damocles_ext.api import open_supervisor
 
