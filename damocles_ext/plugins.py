@@ -595,18 +595,9 @@ def _guard_implementations(caller: pluggy.HookCaller) -> bool:
 
 def _raising_wrapper(caller: pluggy.HookCaller, exc: BaseException) -> str:
     # Which wrapper's code the exception came out of, to name its plugin in the log.
-    codes = {
-        getattr(impl.function, "__code__", None): impl.plugin_name
-        for impl in caller.get_hookimpls()
-        if impl.wrapper or impl.hookwrapper
-    }
-    tb = exc.__traceback__
-    while tb is not None:
-        name = codes.get(tb.tb_frame.f_code)
-        if name is not None:
-            return name
-        tb = tb.tb_next
-    return "?"
+    from .plugin_blame import raised_by
+
+    return raised_by(caller, exc, wrappers_only=True) or "?"
 
 
 def _call_hook(caller: pluggy.HookCaller, kwargs: dict[str, Any], call: ObserverCall) -> bool:

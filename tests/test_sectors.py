@@ -974,6 +974,7 @@ async def test_a_dext_sector_providers_raising_a_base_exception_or_an_unprintabl
     with pytest.raises(UsageError, match="dext_sector_providers failed") as caught:
         await open_locator(SectorSettings(), plugin_manager=pm)
     assert HOSTILE[raised].__name__ in str(caught.value)
+    assert str(caught.value).startswith("plugin 'broken': its dext_sector_providers failed: ")
 
 
 class _Unnamed:
@@ -998,10 +999,17 @@ async def test_a_plugin_returning_something_else_than_a_provider_is_a_clear_erro
         def dext_sector_providers(self, settings):
             return returned
 
+    class Fine:
+        @hookimpl
+        def dext_sector_providers(self, settings):
+            return None  # (pluggy leaves it out of the results: they cannot tell whose is whose)
+
     pm = get_plugin_manager(entry_points=False)
     pm.register(Broken(), name="broken")
-    with pytest.raises(UsageError, match="not a sector provider"):
+    pm.register(Fine(), name="fine")  # registered last: called first
+    with pytest.raises(UsageError, match="not a sector provider") as caught:
         await open_locator(SectorSettings(), plugin_manager=pm)
+    assert str(caught.value).startswith("plugin 'broken': its dext_sector_providers returned ")
 
 
 async def test_with_the_source_down_proofs_come_from_cached_locations_and_gone_sectors_are_faults(

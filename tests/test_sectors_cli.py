@@ -331,5 +331,5 @@ def test_a_plugin_provider_raising_a_base_exception_or_an_unprintable_one_is_ask
     assert "Traceback" not in result.stderr
     result = run({**env, "HOSTILE_IN": "hook"})
     assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "a plugin's dext_sector_providers failed" in result.stderr
+    assert "plugin 'hostile_sectors': its dext_sector_providers failed" in result.stderr
     assert "Traceback" not in result.stderr

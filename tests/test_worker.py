@@ -576,7 +576,8 @@ async def test_a_plugin_whose_sector_paths_raise_a_base_exception_or_an_unprinta
     await run_until(rig, worker, lambda: worker.counters.delivered == 1)
     assert worker.counters.failed == 1
     done = await rig.jobs.get(job.Id)
-    assert job.Id in done.ErrorReason and "dext_sector_paths" in done.ErrorReason
+    assert job.Id in done.ErrorReason
+    assert "plugin 'raises': its dext_sector_paths" in done.ErrorReason
     assert said in done.ErrorReason
 
 
@@ -592,9 +593,15 @@ async def test_a_plugin_whose_sector_paths_are_not_a_pair_of_paths_fails_the_job
         def dext_sector_paths(self, job, sector, attached):
             return returned
 
+    class Declines:
+        @hookimpl
+        def dext_sector_paths(self, job, sector, attached):
+            return None  # asked first (registered last): the error names the one that answered
+
     job, _ = await rig.jobs.create(job_input())
     pm = get_plugin_manager(entry_points=False)
     pm.register(Garbled(), name="garbled")
+    pm.register(Declines(), name="declines")
     worker = Worker(
         rig.settings(children(tmp_path, plugin_block("WdPost", "echo"))), plugin_manager=pm
     )
@@ -602,7 +609,7 @@ async def test_a_plugin_whose_sector_paths_are_not_a_pair_of_paths_fails_the_job
     done = await rig.jobs.get(job.Id)
     assert worker.counters.failed == 1 and done.Output is None
     assert (
-        "dext_sector_paths returned" in done.ErrorReason
+        "plugin 'garbled': its dext_sector_paths returned" in done.ErrorReason
         and "not (sealed_file, cache_dir)" in done.ErrorReason
     )
 

@@ -43,7 +43,8 @@ async def job_sector_paths(
 ) -> tuple[list[tuple[str, str]], list[int]]:
     """(each sector's (sealed_file, cache_dir), the sector numbers not located: faults).
     MissingStore when a store is not attached and there is no locator; a RuntimeError naming
-    the hook for what a plugin's dext_sector_paths raises (it fails the job)."""
+    the hook and its plugin for what a plugin's dext_sector_paths raises (it fails the job)."""
+    from ..plugin_blame import call_hook, raised_by, returned_by, whose
     from ..sectors import SectorRef
 
     paths: list[tuple[str, str]] = []
@@ -51,10 +52,9 @@ async def job_sector_paths(
     for i, sector in enumerate(job.Input.Sectors or ()):
         found = None
         if plugin_manager is not None:
+            caller = plugin_manager.hook.dext_sector_paths
             try:
-                found = plugin_manager.hook.dext_sector_paths(
-                    job=job, sector=sector, attached=attached
-                )
+                found, seen = call_hook(caller, job=job, sector=sector, attached=attached)
             except BaseException as exc:  # a plugin's bug fails this job, not the worker
                 if passes_through(exc):
                     raise
@@ -63,13 +63,15 @@ async def job_sector_paths(
                     if isinstance(exc, SystemExit)
                     else f"raised {describe(exc)}"
                 )
+                hook = whose("dext_sector_paths", raised_by(caller, exc))
                 raise RuntimeError(
-                    f"job {job.Id}: sector {sector.SectorId}: a plugin's dext_sector_paths {what}"
+                    f"job {job.Id}: sector {sector.SectorId}: {hook} {what}"
                 ) from None
             if found is not None and not _a_pair_of_paths(found):  # its bug: no fault of it
+                hook = whose("dext_sector_paths", returned_by(seen, found))
                 raise RuntimeError(
-                    f"job {job.Id}: sector {sector.SectorId}: a plugin's dext_sector_paths"
-                    f" returned {text_of(found, repr)[:200]}, not (sealed_file, cache_dir)"
+                    f"job {job.Id}: sector {sector.SectorId}: {hook} returned"
+                    f" {text_of(found, repr)[:200]}, not (sealed_file, cache_dir)"
                 )
         if found is None:
             try:

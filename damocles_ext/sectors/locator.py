@@ -636,17 +636,21 @@ def build_providers(
     """The plugins' providers (`dext_sector_providers`), then the built-in ones. UsageError
     when a plugin's hook fails or returns something that is not a provider."""
     from ..errors import UsageError
+    from ..plugin_blame import call_hook, raised_by, returned_by, whose
     from .providers import builtin_providers
 
     providers: list[SectorProvider] = []
     if plugin_manager is not None:
+        caller = plugin_manager.hook.dext_sector_providers
         try:
-            results = plugin_manager.hook.dext_sector_providers(settings=settings)
+            results, seen = call_hook(caller, settings=settings)
         except BaseException as exc:  # a plugin's bug is reported, not a traceback
             if passes_through(exc):
                 raise
-            raise UsageError(f"a plugin's dext_sector_providers failed: {describe(exc)}") from None
+            hook = whose("dext_sector_providers", raised_by(caller, exc))
+            raise UsageError(f"{hook} failed: {describe(exc)}") from None
         for result in results:
+            hook = whose("dext_sector_providers", returned_by(seen, result))
             try:
                 given = list(result or ())
             except TypeError:
@@ -660,7 +664,7 @@ def build_providers(
                     named = False
                 if not (isinstance(provider, SectorProvider) and named):
                     raise UsageError(
-                        f"a plugin's dext_sector_providers returned {text_of(provider, repr)}, which is not a"
+                        f"{hook} returned {text_of(provider, repr)}, which is not a"
                         " sector provider (it needs a `name`, a non-empty str, and"
                         " `async find(sector)`)"
                     )
