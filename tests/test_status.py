@@ -479,18 +479,18 @@ async def test_a_status_out_of_file_descriptors_says_so_not_as_an_internal_error
     # to raise, as a DextError (the control socket's answer), and logs one warning.
     import resource
 
-    from helpers.supervisor import python_child, spec, wait_until_real
+    from helpers.supervisor import builtin_child, spec
 
     from damocles_ext.errors import DextError
     from damocles_ext.status import StatusSource
     from damocles_ext.supervisor import Supervisor
 
-    sup = Supervisor([spec(python_child("import time; time.sleep(30)"), auto_restart=False)])
+    sup = Supervisor([spec(builtin_child("window_post", "echo"))])
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             await nursery.start(sup.run)
-            await wait_until_real(lambda: sup.statistics().children[0].pid is not None,
-                                  what="the child started")  # fmt: skip
+            # Ready: its start over, no descriptor of its spawn to be closed (freed) meanwhile.
+            await sup.wait_ready("window_post")
             source = StatusSource(sup, socket="t", cpu_interval=0)
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             held: list[int] = []
