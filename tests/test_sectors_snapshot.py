@@ -12,6 +12,8 @@ import logging
 import os
 import signal
 import stat
+import subprocess
+import sys
 import threading
 
 import msgspec
@@ -389,7 +391,8 @@ async def test_a_snapshot_is_written_atomically_private_and_leaves_no_new_file_b
 ):
     source.put(MINER, 1, "a")
     put_files(stores, 1)
-    leftover = tmp_path / ".sectors.snapshot.999.abcd.tmp"  # a killed process's write
+    # A killed process's write (4194304: above any pid Linux gives, so a dead process's).
+    leftover = tmp_path / ".sectors.snapshot.4194304.abcd.tmp"
     leftover.write_bytes(b"half")
     path = tmp_path / "sectors.snapshot"
     await learn_then_stop(path, [SourceNode(source.url, stores)], refs(1))
@@ -397,6 +400,27 @@ async def test_a_snapshot_is_written_atomically_private_and_leaves_no_new_file_b
     assert path.stat().st_mode & 0o777 == 0o600
     written_at, entries = decode(path.read_bytes(), 0.0, WALL)
     assert written_at == WALL and [s for s, _ in entries] == refs(1)
+
+
+async def test_a_start_on_the_same_snapshot_leaves_a_running_process_s_new_file_to_it(tmp_path):
+    """Another worker or coordinator given the same --sector-cache, saving as this one starts:
+    its new file (its pid in the name) is its save in progress, not a leftover. Removed, its
+    rename failed (No such file or directory) and its save with it."""
+    saving = await trio.lowlevel.open_process(
+        [sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE
+    )
+    try:
+        theirs = tmp_path / f".sectors.snapshot.{saving.pid}.abcd.tmp"
+        theirs.write_bytes(b"half")
+        dead = tmp_path / ".sectors.snapshot.4194304.abcd.tmp"  # above any pid Linux gives
+        dead.write_bytes(b"half")
+        path = tmp_path / "sectors.snapshot"
+        await learn_then_stop(path, [Known()], refs(2))
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([theirs.name, path.name])
+    finally:
+        assert saving.stdin is not None
+        await saving.stdin.aclose()
+        await saving.wait()
 
 
 async def test_a_snapshot_whose_name_is_about_as_long_as_a_name_may_be_is_written(tmp_path):

@@ -361,20 +361,39 @@ def write_file(path: str, data: bytes) -> None:
 
 
 def _remove_leftovers(path: str) -> None:
-    """The new files of writes a killed process left half done (ours only)."""
+    """The new files of writes a killed process left half done (ours only). One whose process
+    (the id in its name) is alive is another process's save in progress, on the same file: left
+    to it; this process's own are not being written while `_writing` is held."""
     directory, name = os.path.split(os.path.abspath(path))
     try:
         names = os.listdir(directory)
     except OSError:
         return
-    for entry in names:
-        if entry.startswith(_new_files(name)) and entry.endswith(".tmp"):
+    prefix = _new_files(name)
+    with _writing:
+        for entry in names:
+            if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+                continue
+            pid = entry[len(prefix) :].partition(".")[0]
+            if pid.isdigit() and int(pid) not in (0, os.getpid()) and _alive(int(pid)):
+                continue
             full = os.path.join(directory, entry)
             try:
                 if os.lstat(full).st_uid == os.geteuid():
                     os.unlink(full)
             except OSError:
                 pass
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process `pid` runs (as anyone)."""
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except (ProcessLookupError, OverflowError, ValueError):
+        return False
+    return True
 
 
 class CacheSnapshot:
