@@ -44,6 +44,8 @@ from damocles_ext.frontends.control import (
     default_socket_path,
     peer_uid,
 )
+from damocles_ext.frontends.control_socket import peer_credentials
+from damocles_ext.frontends.run import _discard
 from damocles_ext.protocol import control as control_protocol
 from damocles_ext.protocol import dext, jsonl
 
@@ -225,6 +227,95 @@ def test_live_socket_is_not_taken_over(sock_dir: Path):
             bind_control_socket(path)
     finally:
         first.close()
+
+
+BINDER = """
+import sys
+from damocles_ext.errors import UsageError
+from damocles_ext.frontends.control_socket import bind_control_socket
+for line in iter(sys.stdin.readline, ""):
+    try:
+        sock = bind_control_socket(line.strip())
+    except UsageError as e:
+        print("refused", e, flush=True)
+        continue
+    print("bound", flush=True)
+    sys.stdin.readline()  # until the test has looked
+    sock.close()
+"""
+
+
+def test_two_starts_over_a_stale_socket_bind_one_and_the_other_says_it_is_taken(sock_dir: Path):
+    """Before, both could find the stale socket (nobody listening), and the second remove the
+    first's fresh one and bind its own: the first then listened where nobody could reach it,
+    without a word. The path's lock lets exactly one through, every time."""
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", BINDER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=dext_env(),
+        )
+        for _ in range(2)
+    ]
+    try:
+        for n in range(150):  # each about 7 ms; before, about 1 in 14 went wrong
+            path = sock_dir / f"c{n}.sock"
+            stale = socket.socket(socket.AF_UNIX)
+            stale.bind(str(path))
+            stale.close()
+            for start in starts:  # both waiting on their stdin: gone as one
+                start.stdin.write(f"{path}\n")
+            for start in starts:
+                start.stdin.flush()
+            said = {start.pid: start.stdout.readline() for start in starts}
+            bound = [pid for pid, line in said.items() if line == "bound\n"]
+            assert len(bound) == 1, (n, said)
+            [refused] = [line for pid, line in said.items() if pid not in bound]
+            assert refused.startswith(
+                f"refused another damocles-ext (run or worker) is listening on {path}"
+            ), refused
+            assert refused.endswith("; stop it first or choose another path with --socket\n")
+            with socket.socket(socket.AF_UNIX) as client:
+                client.connect(str(path))  # the one that bound is the one reached
+                assert peer_credentials(client)[0] == bound[0]
+            for start in starts:
+                if start.pid in bound:
+                    start.stdin.write("\n")
+                    start.stdin.flush()
+    finally:
+        for start in starts:
+            start.stdin.close()
+            assert start.wait(timeout=30) == 0
+
+
+def test_a_control_socket_not_served_after_all_removes_only_its_own_file(sock_dir: Path):
+    path = sock_dir / "control.sock"
+    sock = bind_control_socket(path)
+    path.unlink()  # and another socket put there since
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(str(path))
+    try:
+        _discard(sock)
+        assert stat.S_ISSOCK(path.lstat().st_mode)  # the other's, kept
+    finally:
+        other.close()
+    sock = bind_control_socket(path)  # its lock was released with it: a stale socket replaced
+    _discard(sock)
+    assert list(sock_dir.iterdir()) == []  # neither the socket nor its lock file left
+
+
+def test_a_symlink_at_the_socket_s_lock_file_is_refused_not_followed(sock_dir: Path):
+    target = sock_dir / "elsewhere"
+    (sock_dir / ".control.sock.lock").symlink_to(target)
+    with pytest.raises(UsageError) as raised:
+        bind_control_socket(sock_dir / "control.sock")
+    assert str(raised.value) == (
+        f"control socket lock file {sock_dir}/.control.sock.lock is a symlink; refusing to use"
+        " it: remove it or choose another path with --socket"
+    )
+    assert not target.exists()
 
 
 def test_too_long_socket_path_is_a_usage_error(sock_dir: Path):

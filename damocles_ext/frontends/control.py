@@ -56,6 +56,7 @@ from .control_socket import (  # noqa: F401 - the control socket's API, importab
     default_socket_path,
     peer_credentials,
     peer_uid,
+    release_control_socket,
     resolve_trusted,
     trusted_uids,
 )
@@ -145,7 +146,7 @@ class ControlServer:
             raise ValueError(f"max_buffered must be at least 1 byte, got {max_buffered}")
         self.path = Path(sock.getsockname())
         self._sock = sock
-        self._inode = os.stat(self.path).st_ino
+        self._inode: int | None = os.stat(self.path).st_ino  # None once removed
         # What a connection calls (see above).
         self.submit = submit
         self.start = start
@@ -199,12 +200,16 @@ class ControlServer:
                 task_status.started()
                 with self._accept_scope:
                     await serve_connections(listener, self._slots, nursery, self._serve_connection)
-                await listener.aclose()
+                # Removed before the close, which releases the path's lock (bind_control_socket):
+                # until then no other damocles-ext can have put its socket there.
                 self._unlink()
+                await listener.aclose()
+                release_control_socket(self._sock)
         finally:
+            self._unlink()
             with trio.CancelScope(shield=True):
                 await listener.aclose()
-            self._unlink()
+            release_control_socket(self._sock)
 
     def stop_accepting(self) -> None:
         """Close the listening socket and remove its file; open connections go on."""
@@ -219,12 +224,14 @@ class ControlServer:
             await self._idle.wait()
 
     def _unlink(self) -> None:
-        # Only remove the file we created: a newer `run` may already have replaced it.
+        # Only remove the file we created, once: after that another damocles-ext may have put
+        # its socket there, maybe under the same inode number.
         try:
-            if os.lstat(self.path).st_ino == self._inode:
+            if self._inode is not None and os.lstat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
         except FileNotFoundError:
             pass
+        self._inode = None
 
     def error_response(self, rid: int, error: DextError, stage: str) -> ControlResponse:
         """The Response of request `rid` (of `stage`) that failed with `error`, with its kind:

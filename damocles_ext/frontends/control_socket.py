@@ -7,6 +7,12 @@ ours nor root's (SO_PEERCRED) is turned away. The directories above that one mus
 other user can replace them (resolve_trusted). These checks run before anything is spawned, so a
 bad path is a usage error (exit 2), not a half-started supervisor.
 
+Two starts on one path are kept apart by a lock file beside the socket (`.NAME.lock`, mode 0600
+in the same private directory), held from before the old socket is probed until the listening
+socket is closed (and removed then): the one that does not get it stops at once, saying so; without it, both could
+find a stale socket, and the second remove the first's fresh one and bind its own, leaving the
+first listening where nobody can reach it.
+
 The client makes the same checks from its side, with the same helpers: the path must lead,
 through directories no other user can change, to a socket in a private directory, and the
 process listening on it must run as the client's uid or root.
@@ -15,11 +21,13 @@ process listening on it must run as the client's uid or root.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import socket
 import stat
 import struct
+import weakref
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -145,6 +153,128 @@ def _someone_listening(path: Path) -> bool:
     return True
 
 
+def _taken(path: Path, pid: int | None = None) -> str:
+    whose = "" if pid is None else f" (pid {pid})"
+    return (
+        f"another damocles-ext (run or worker) is listening on {path}{whose}; stop it first or"
+        " choose another path with --socket"
+    )
+
+
+class _Hold:
+    """What a socket of bind_control_socket's holds: its path's lock, and its file's inode."""
+
+    def __init__(self, sock: socket.socket, lock: Path, lock_fd: int) -> None:
+        # At once, or when the socket is collected, or at exit.
+        self.release = weakref.finalize(sock, _unlock, lock, lock_fd)
+        self.inode: int | None = None
+
+
+# Kept beside the sockets, not in them: trio wraps only a plain socket.socket.
+_holds: weakref.WeakKeyDictionary[socket.socket, _Hold] = weakref.WeakKeyDictionary()
+
+
+def release_control_socket(sock: socket.socket) -> None:
+    """Release the path's lock of a control socket of bind_control_socket's, once it is closed
+    (and its file removed): another damocles-ext may then take the path."""
+    hold = _holds.pop(sock, None)
+    if hold is not None:
+        hold.release()
+
+
+def bound_inode(sock: socket.socket) -> int | None:
+    """The inode of the socket file bind_control_socket made for `sock`."""
+    hold = _holds.get(sock)
+    return None if hold is None else hold.inode
+
+
+def _release_closed() -> None:
+    # Those of this process's control sockets closed without release_control_socket.
+    for sock in list(_holds):
+        if sock.fileno() == -1:
+            release_control_socket(sock)
+
+
+def _take_lock(lock: Path, path: Path) -> int:
+    """The lock file's descriptor, locked, with our pid in it; UsageError if another process
+    holds it. It is in the socket's directory, already checked private and ours, and is held
+    to the same rules: not followed if a symlink, a regular file of ours, mode 0600. Its holder
+    removes it before it lets it go (_unlock): a lock taken on a file removed meanwhile is let
+    go, and the new file's tried."""
+    _release_closed()
+    while True:
+        fd = _open_lock(lock)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held_by = os.pread(fd, 32, 0).strip()  # empty while its holder just took it
+                pid = int(held_by) if held_by.isdigit() else None
+                raise UsageError(_taken(path, pid)) from None
+            try:
+                current = os.lstat(lock).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(fd).st_ino:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except UsageError:
+            os.close(fd)
+            raise
+        except OSError as exc:
+            os.close(fd)
+            raise UsageError(
+                f"cannot lock control socket lock file {lock}: {_what_to_do(exc)}"
+            ) from None
+        return fd
+
+
+def _open_lock(lock: Path) -> int:
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(lock, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UsageError(
+                f"control socket lock file {lock} is a symlink; refusing to use it: remove it"
+                " or choose another path with --socket"
+            ) from None
+        raise UsageError(
+            f"cannot open control socket lock file {lock}: {_what_to_do(exc)}"
+        ) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(
+                f"control socket lock file {lock} exists and is not a regular file; remove it or"
+                " choose another path with --socket"
+            )
+        if st.st_uid != os.geteuid():
+            raise UsageError(
+                f"control socket lock file {lock} is owned by uid {st.st_uid}, not by us (uid"
+                f" {os.geteuid()}); remove it or choose another path with --socket"
+            )
+        if stat.S_IMODE(st.st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _unlock(lock: Path, fd: int) -> None:
+    """Remove the lock file (still ours: nobody else took it meanwhile), then let it go."""
+    try:
+        if os.lstat(lock).st_ino == os.fstat(fd).st_ino:
+            os.unlink(lock)
+    except OSError:
+        pass  # gone, or its directory with it: nothing left to remove
+    finally:
+        os.close(fd)
+
+
 def _clear_old_socket(path: Path) -> None:
     uid = os.geteuid()
     try:
@@ -164,10 +294,7 @@ def _clear_old_socket(path: Path) -> None:
             " refusing to replace it"
         )
     if _someone_listening(path):
-        raise UsageError(
-            f"another damocles-ext (run or worker) is listening on {path}; stop it first or"
-            " choose another path with --socket"
-        )
+        raise UsageError(_taken(path))
     log.info("removing stale control socket %s (nobody is listening on it)", path)
     try:
         os.unlink(path)
@@ -205,8 +332,9 @@ def _check_ancestors(path: Path) -> None:
 
 
 def bind_control_socket(path: str | os.PathLike[str], *, create_dir: bool = True) -> socket.socket:
-    """Check `path`, its directory and the ones above it, replace a stale socket, and return a
-    listening socket.
+    """Check `path`, its directory and the ones above it, take the path's lock, replace a stale
+    socket, and return a listening socket. The lock is held until release_control_socket, or
+    until this process binds again once the socket is closed, or exits.
 
     Raises UsageError (exit 2) when the place is unsafe or taken.
     """
@@ -229,16 +357,30 @@ def bind_control_socket(path: str | os.PathLike[str], *, create_dir: bool = True
         )
     _check_ancestors(path)
     _check_private_dir(path.parent, create=create_dir)
-    _clear_old_socket(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lock = path.parent / f".{path.name}.lock"
+    lock_fd = _take_lock(lock, path)
     try:
-        sock.bind(os.fspath(path))
-        # The directory is 0700, so nobody can reach the socket before this chmod.
-        os.chmod(path, 0o600)
-        sock.listen(128)
-    except OSError as exc:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except BaseException:
+        _unlock(lock, lock_fd)
+        raise
+    hold = _holds[sock] = _Hold(sock, lock, lock_fd)
+    try:
+        _clear_old_socket(path)
+        try:
+            sock.bind(os.fspath(path))
+            hold.inode = os.lstat(path).st_ino
+            # The directory is 0700, so nobody can reach the socket before this chmod.
+            os.chmod(path, 0o600)
+            sock.listen(128)
+        except OSError as exc:
+            raise UsageError(
+                f"cannot listen on control socket {path}: {_what_to_do(exc)}"
+            ) from None
+    except BaseException:
         sock.close()
-        raise UsageError(f"cannot listen on control socket {path}: {_what_to_do(exc)}") from None
+        release_control_socket(sock)
+        raise
     return sock
 
 

@@ -20,7 +20,7 @@ import trio
 
 from ..stages import can_serve
 from .control import ControlServer
-from .control_socket import bind_control_socket
+from .control_socket import bind_control_socket, bound_inode, release_control_socket
 from .serve_jsonl import with_default_deadline
 from .signals import end_soon, stop_signals, watch_signals
 from .watchdog import start_watchdog
@@ -76,10 +76,14 @@ def serve_control_socket(
 
 
 def _discard(sock: socket.socket) -> None:
+    """Remove the file of a control socket not served after all, if it is still the one that
+    socket made, then close it (and so release its path's lock)."""
     path = sock.getsockname()
-    sock.close()
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+        if os.lstat(path).st_ino == bound_inode(sock):
+            os.unlink(path)
+    sock.close()
+    release_control_socket(sock)
 
 
 #: What a request still open is told when run stops at once.
