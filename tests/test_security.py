@@ -89,8 +89,12 @@ def test_a_socket_file_owned_by_another_user_is_not_replaced(sock_dir):
     stale.bind(str(path))
     stale.close()  # nobody listens: would be replaced if it were ours
     os.chown(path, 65534, 65534)
-    with pytest.raises(UsageError, match="owned by uid 65534"):
+    with pytest.raises(UsageError) as raised:
         bind_control_socket(path)
+    assert str(raised.value) == (  # and what to do
+        f"control socket {path} is owned by uid 65534, not by us (uid {os.geteuid()}); refusing"
+        " to replace it: remove it or choose another path with --socket"
+    )
     assert path.exists() and os.stat(path).st_uid == 65534
 
 

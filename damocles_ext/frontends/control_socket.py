@@ -282,7 +282,10 @@ def _clear_old_socket(path: Path) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISLNK(st.st_mode):
-        raise UsageError(f"control socket path {path} is a symlink; refusing to use it")
+        raise UsageError(
+            f"control socket path {path} is a symlink; refusing to use it: remove it or choose"
+            " another path with --socket"
+        )
     if not stat.S_ISSOCK(st.st_mode):
         raise UsageError(
             f"control socket path {path} exists and is not a socket; remove it or choose another"
@@ -291,7 +294,7 @@ def _clear_old_socket(path: Path) -> None:
     if st.st_uid != uid:
         raise UsageError(
             f"control socket {path} is owned by uid {st.st_uid}, not by us (uid {uid});"
-            " refusing to replace it"
+            " refusing to replace it: remove it or choose another path with --socket"
         )
     if _someone_listening(path):
         raise UsageError(_taken(path))
