@@ -76,6 +76,7 @@ from .effect_log import log_note, log_retry
 from .host import SupervisorHost
 from .observers import Observers, request_info
 from .orphans import GroupGuardian
+from .readiness import enough_ready
 from .reaper import Reaper
 from .request import Batch, Started, Waiter, WallClock
 from .restart import BackoffPolicy, RestartTracker
@@ -398,20 +399,7 @@ class Supervisor:
             for step in WINDOW_POST_SPLIT:
                 await self.wait_ready(step, count)
             return
-        while True:
-            pool = [c for c in self._children.values() if stage is None or c.spec.stage == stage]
-            if sum(c.state is ChildState.READY for c in pool) >= count:
-                return
-            alive = [c for c in pool if c.state not in (ChildState.FATAL, ChildState.STOPPED)]
-            if len(alive) < count or self._finished:
-                what = f"{stage} children" if stage else "children"
-                gone = [c for c in pool if c not in alive]
-                down = "; ".join(f"{c.name} is {c.state.word}, last: {c.last_exit}" for c in gone)
-                down = down or (f"the config has {len(pool)}" if pool else "none configured")
-                raise ProverError(
-                    f"cannot wait for {count} ready {what}: only {len(alive)} of {len(pool)}"
-                    f" can still start ({down})"
-                )
+        while not enough_ready(self._children.values(), stage, count, self._finished):
             await self._wait_changed()
 
     async def wait_changed(self) -> None:
