@@ -16,7 +16,7 @@ import trio
 from damocles_ext_plugins.testing import echo_output
 from helpers.supervisor import builtin_child, python_child, spec, window_task
 
-from damocles_ext.api import open_job_producer, open_supervisor
+from damocles_ext.api import Supervisor, open_job_producer, open_supervisor
 from damocles_ext.client import ReconnectingClient, connect, submit_sync
 from damocles_ext.config import ConfigError
 from damocles_ext.errors import ProverError, UsageError
@@ -56,6 +56,35 @@ async def test_a_supervisor_called_from_another_thread_refuses_and_books_nothing
         )
         assert output == echo_output(window_task())
     assert sup.shutting_down
+
+
+async def test_a_supervisor_with_no_run_going_says_so_instead_of_hanging(autojump_clock):
+    sup = Supervisor([spec(builtin_child("window_post", "echo"))])
+    no_run = r"no run\(\) of this Supervisor is going.*await nursery\.start\(sup\.run\)"
+    with trio.fail_after(60):  # on the mock clock
+        # Once, each waited for ever: the request was booked, but only run() heeds deadlines.
+        with pytest.raises(UsageError, match=r"Supervisor\.submit\(\) was called while " + no_run):
+            await sup.submit(window_task(), deadline=time.time() + 1)
+        with pytest.raises(UsageError, match=r"Supervisor\.wait_ready\(\) was called while"):
+            await sup.wait_ready()
+        with pytest.raises(UsageError, match=r"Supervisor\.wait_changed\(\) was called while"):
+            await sup.wait_changed()
+    assert sup.statistics().requests == 0
+
+
+async def test_a_supervisor_run_started_just_before_serves_what_is_asked_at_once():
+    sup = Supervisor([spec(builtin_child("window_post", "echo"))])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sup.run)  # not begun yet when submit is called: waited for
+            assert await sup.submit(window_task()) == echo_output(window_task())
+            await sup.wait_ready()
+            sup.request_shutdown()
+        # A run() that ended is no run() still to come: refused at once, as before.
+        with pytest.raises(ProverError, match="refused: the supervisor has stopped"):
+            await sup.submit(window_task())
+        with pytest.raises(ProverError, match="cannot wait for 1 ready children"):
+            await sup.wait_ready()
 
 
 def test_open_supervisor_from_asyncio_says_the_api_runs_on_trio():

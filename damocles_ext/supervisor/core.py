@@ -76,7 +76,7 @@ from .effect_log import log_note, log_retry
 from .host import SupervisorHost
 from .observers import Observers, request_info
 from .orphans import GroupGuardian
-from .readiness import enough_ready
+from .readiness import enough_ready, run_begun
 from .reaper import Reaper
 from .request import Batch, Started, Waiter, WallClock
 from .restart import BackoffPolicy, RestartTracker
@@ -98,6 +98,10 @@ _STOPPED = "the supervisor stopped before it was answered"
 
 class Supervisor:
     """A pool of prover children per stage, and the requests routed to them."""
+
+    #: Seconds submit and wait_ready wait for a run() not begun yet (nursery.start_soon begins
+    #: it at the next checkpoint) before they say none is going.
+    RUN_WAIT = 1.0
 
     def __init__(
         self,
@@ -162,6 +166,7 @@ class Supervisor:
         self._state_changed = trio.Event()  # readiness, request completion
         self._changed_waiting = 0  # tasks in _wait_changed (only then is it set)
         self._token: trio.lowlevel.TrioToken | None = None  # of the trio run of run()
+        self._run_began = trio.Event()
         self._finished = False
         self._observers = Observers(plugin_manager, inline_observers)
         self._guardian: GroupGuardian | None = None
@@ -191,6 +196,7 @@ class Supervisor:
         if self._token is not None:
             raise RuntimeError("Supervisor.run() may be called only once")
         self._token = trio.lowlevel.current_trio_token()
+        self._run_began.set()
         self._now = trio.lowlevel.current_clock().current_time
         observing = self._observers.open()
         try:
@@ -300,6 +306,8 @@ class Supervisor:
         child answered; `avoid`: children not to send it to while another can serve;
         `judged_later`: a vanilla step, see TrackedRequest; `encoded`: task_check's bytes)."""
         check_trio_run("Supervisor.submit()", None if self._finished else self._token)
+        if self._token is None:
+            await run_begun(self, "Supervisor.submit()")
         # A caller already cancelled gets Cancelled before anything reaches a child (trio's rule).
         await trio.lowlevel.checkpoint_if_cancelled()
         waiter = self._begin(
@@ -405,10 +413,12 @@ class Supervisor:
     async def wait_changed(self) -> None:
         """Wait until a child becomes ready or stops, or a request is answered: what may change
         how many requests the children can take (a caller pulling work waits on it)."""
-        await self._wait_changed()
+        await self._wait_changed("Supervisor.wait_changed()")
 
-    async def _wait_changed(self) -> None:
-        check_trio_run("Supervisor.wait_ready()", None if self._finished else self._token)
+    async def _wait_changed(self, what: str = "Supervisor.wait_ready()") -> None:
+        check_trio_run(what, None if self._finished else self._token)
+        if self._token is None:
+            return await run_begun(self, what)  # (then the caller looks again)
         self._changed_waiting += 1
         try:
             await self._state_changed.wait()

@@ -1,13 +1,34 @@
-"""What `Supervisor.wait_ready` decides on each look at the children: enough of them are ready,
-or that can no longer happen (why, in words), or it waits for a change."""
+"""Whether a Supervisor can serve a call: its run() begun (`run_begun`), and what
+`wait_ready` decides on each look at the children (`enough_ready`): enough of them are ready, or
+that can no longer happen (why, in words), or it waits for a change."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from ..errors import ProverError
+import trio
+
+from ..errors import ProverError, UsageError, check_trio_run
 from .child_loop import Child
 from .states import ChildState
+
+if TYPE_CHECKING:
+    from .core import Supervisor
+
+
+async def run_begun(sup: Supervisor, what: str) -> None:
+    """`what` was called before `sup.run()` began: wait RUN_WAIT for one started just before,
+    else a UsageError (no one would serve the call: it waited for ever, its deadline unheeded)."""
+    with trio.move_on_after(sup.RUN_WAIT):
+        await sup._run_began.wait()
+    if sup._token is None:
+        raise UsageError(
+            f"{what} was called while no run() of this Supervisor is going, which starts the"
+            " children and answers the requests: use `async with open_supervisor(...)`, or"
+            " `await nursery.start(sup.run)` before calling it"
+        )
+    check_trio_run(what, sup._token)
 
 
 def enough_ready(children: Iterable[Child], stage: str | None, count: int, finished: bool) -> bool:
