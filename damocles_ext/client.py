@@ -7,7 +7,7 @@
 
 Requests on one connection run concurrently; each `submit` returns its own output or raises
 ProverError. Cancelling a `submit` (e.g. with `trio.move_on_after`) cancels the request in the
-supervisor, and closing the connection cancels every request still open on it. A request with
+supervisor (a caller already cancelled sends nothing), and closing the connection cancels every request still open on it. A request with
 a deadline that has no answer `LATE_ANSWER` seconds after it (a supervisor stopped or hung)
 raises ProverError then. An error answer the supervisor says is the caller's to fix (no child
 of the task's stage there, a worker's socket: Response.kind) raises ProverUsageError, a
@@ -131,6 +131,8 @@ class Client:
                 f" ({len(task.replicas)} replicas), over the"
                 f" {dext.DEFAULT_MAX_FRAME_SIZE / 2**20:.0f} MiB limit of a dext frame; split it"
             )
+        # A caller already cancelled gets Cancelled before anything is sent (trio's rule).
+        await trio.lowlevel.checkpoint_if_cancelled()
         pending = _Pending(on_progress)
         self._pending[request_id] = pending
 

@@ -135,6 +135,22 @@ async def test_a_client_called_from_another_thread_refuses_instead_of_hanging(so
     await remote.aclose()
 
 
+async def test_a_client_submit_already_cancelled_sends_nothing(sock_dir, nursery):
+    server = ControlServer(bind_control_socket(sock_dir / "control.sock"), echo_submit)
+    await nursery.start(server.serve)
+    async with connect(server.path) as client:
+        with trio.fail_after(10):
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                # Once, the request was written (and a Cancel after it): the proof could start.
+                await client.submit(window_task(miner=1))
+            assert scope.cancelled_caught
+            # The server reads a connection in order: once the next is answered, it has read
+            # all that came before it.
+            assert await client.submit(window_task(miner=2)) == echo_output(window_task(miner=2))
+            assert server.statistics().requests == 1
+
+
 async def test_a_reconnecting_client_with_no_run_going_says_so_instead_of_hanging(
     sock_dir, nursery, autojump_clock
 ):
