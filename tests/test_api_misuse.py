@@ -87,6 +87,23 @@ async def test_a_supervisor_run_started_just_before_serves_what_is_asked_at_once
             await sup.wait_ready()
 
 
+async def test_statistics_from_a_thread_says_where_to_call_it():
+    async with open_supervisor([spec(builtin_child("window_post", "echo"))]) as sup:
+
+        async def stats_in_another_run() -> None:
+            sup.statistics()
+
+        def from_another_thread() -> None:
+            # Once, trio's own RuntimeError: "must be called from async context".
+            with pytest.raises(UsageError, match=r"statistics\(\) was called outside any trio"):
+                sup.statistics()
+            with pytest.raises(UsageError, match=r"statistics\(\) was called from another trio"):
+                trio.run(stats_in_another_run)
+
+        await trio.to_thread.run_sync(from_another_thread)
+        assert [c.name for c in sup.statistics().children] == ["window_post#0"]
+
+
 def test_open_supervisor_from_asyncio_says_the_api_runs_on_trio():
     async def main() -> None:
         async with open_supervisor([spec(builtin_child("window_post", "echo"))]):

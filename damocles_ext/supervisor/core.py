@@ -450,6 +450,7 @@ class Supervisor:
 
     def statistics(self) -> SupervisorStats:
         """A snapshot: every child's state and counters, every stage's queue."""
+        check_trio_run("Supervisor.statistics()", None if self._finished else self._token)
         return build_statistics(self._children.values(), self._book, self._shutting_down)
 
     # -- the request book -------------------------------------------------------------------
