@@ -245,6 +245,15 @@ async def test_waiting_for_more_ready_children_than_configured_says_how_many_the
             await sup.wait_ready("winning_post")
 
 
+@pytest.mark.parametrize("count", ["2", 0, -1, 1.5, True, None])
+async def test_waiting_for_a_count_that_is_no_number_of_children_says_so(count):
+    # Once, "2" was a bare TypeError from a comparison, and 0 or -1 returned at once.
+    async with open_supervisor([spec(builtin_child("window_post", "echo"))]) as sup:
+        with pytest.raises(UsageError, match=r"wait_ready: count must be a whole number.*got"):
+            await sup.wait_ready(count=count)
+        sup.request_shutdown()
+
+
 async def test_the_apis_errors_survive_pickling_with_their_message_and_fields(tmp_path):
     # Pickled (a multiprocessing pool, concurrent.futures) or copied, an error is made again as
     # cls(*args): once, that raised TypeError for those whose __init__ takes more than the

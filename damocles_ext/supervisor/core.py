@@ -57,7 +57,7 @@ from ..lifecycle import (
 )
 from ..logs import report_bad_output
 from ..protocol import dext
-from ..stages import STAGES, WINDOW_POST_SPLIT, child_stages, runs_split
+from ..stages import WINDOW_POST_SPLIT, child_stages, runs_split
 from ..tasks import (
     UNSENDABLE,
     Output,
@@ -76,7 +76,7 @@ from .effect_log import log_note, log_retry
 from .host import SupervisorHost
 from .observers import Observers, request_info
 from .orphans import GroupGuardian
-from .readiness import enough_ready, run_begun
+from .readiness import check_wait_arguments, enough_ready, run_begun
 from .reaper import Reaper
 from .request import Batch, Started, Waiter, WallClock
 from .restart import BackoffPolicy, RestartTracker
@@ -400,9 +400,8 @@ class Supervisor:
         """Wait until `count` children (of `stage`, or of any stage) are ready.
 
         Raises ProverError when that can no longer happen (too many children FATAL or stopped),
-        UsageError for a stage that is none."""
-        if stage is not None and stage not in STAGES:
-            raise UsageError(f"wait_ready: unknown stage {stage!r}; give one of {STAGES}")
+        UsageError for a stage that is none or a count that is no whole number >= 1."""
+        check_wait_arguments(stage, count)
         if stage == "window_post" and self._split_window_post:
             for step in WINDOW_POST_SPLIT:
                 await self.wait_ready(step, count)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ..errors import ProverError, UsageError, check_trio_run
+from ..stages import STAGES
 from .child_loop import Child
 from .states import ChildState
 
@@ -29,6 +30,17 @@ async def run_begun(sup: Supervisor, what: str) -> None:
             " `await nursery.start(sup.run)` before calling it"
         )
     check_trio_run(what, sup._token)
+
+
+def check_wait_arguments(stage: object, count: object) -> None:
+    """UsageError for a `wait_ready` stage that is none, or a count that is no number of
+    children."""
+    if stage is not None and stage not in STAGES:
+        raise UsageError(f"wait_ready: unknown stage {stage!r}; give one of {STAGES}")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise UsageError(
+            f"wait_ready: count must be a whole number of children, 1 or more; got {count!r}"
+        )
 
 
 def enough_ready(children: Iterable[Child], stage: str | None, count: int, finished: bool) -> bool:
