@@ -245,6 +245,20 @@ async def test_waiting_for_more_ready_children_than_configured_says_how_many_the
             await sup.wait_ready("winning_post")
 
 
+async def test_waiting_after_a_run_cancelled_says_the_child_never_became_ready():
+    never_ready = spec(python_child("import time; time.sleep(60)"), ready_timeout=60.0)
+    sup = Supervisor([never_ready], stop_timeout=1.0)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            nursery.cancel_scope.cancel()
+        # Once: "window_post#0 is stopped, last: None".
+        with pytest.raises(
+            ProverError, match=r"\(window_post#0 is stopped, it never became ready\)"
+        ):
+            await sup.wait_ready()
+
+
 @pytest.mark.parametrize("count", ["2", 0, -1, 1.5, True, None])
 async def test_waiting_for_a_count_that_is_no_number_of_children_says_so(count):
     # Once, "2" was a bare TypeError from a comparison, and 0 or -1 returned at once.

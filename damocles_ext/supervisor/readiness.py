@@ -54,9 +54,16 @@ def enough_ready(children: Iterable[Child], stage: str | None, count: int, finis
         return False
     what = f"{stage} children" if stage else "children"
     gone = [c for c in pool if c not in alive]
-    down = "; ".join(f"{c.name} is {c.state.word}, last: {c.last_exit}" for c in gone)
+    down = "; ".join(_why_down(c) for c in gone)
     down = down or (f"the config has {len(pool)}" if pool else "none configured")
     raise ProverError(
         f"cannot wait for {count} ready {what}: only {len(alive)} of {len(pool)}"
         f" can still start ({down})"
     )
+
+
+def _why_down(c: Child) -> str:
+    if c.last_exit is not None:
+        return f"{c.name} is {c.state.word}, last: {c.last_exit}"
+    # No exit of it was told: its one process (if any) was stopped with run(), never ready.
+    return f"{c.name} is {c.state.word}" + (", it never became ready" if c.protocol is None else "")
