@@ -87,12 +87,24 @@ def _loading_interrupt(pm: DextPluginManager | None, prover: str, exc: BaseExcep
     )
 
 
+#: How long idle executors' workers get to end, as Python's exit hook ends them (seconds).
+EXECUTORS_EXIT = 1.0
+
+
 def _exit_past_lingering_threads(pm: DextPluginManager, prover: str, code: int) -> None:
     """Exit now, saying whose they are, if threads that are not daemons outlive the runtime (a
     prover's, or its library's): Python would join them at exit and hold the child until the
     supervisor's SIGTERM, which could only say that the child was still running."""
     from .plugins import prover_plugin
 
+    pools = sys.modules.get("concurrent.futures.thread")
+    if pools is not None:
+        # Executors' workers are no daemons either (Python 3.9): the exit hook Python would
+        # run wakes the idle ones and joins them; run early, for a second at most (work still
+        # running in one counts as a lingering thread).
+        hook = threading.Thread(target=pools._python_exit, name="executors-exit", daemon=True)
+        hook.start()
+        hook.join(EXECUTORS_EXIT)
     main_thread = threading.main_thread()
     names = [t.name for t in threading.enumerate() if t is not main_thread and not t.daemon]
     if not names:

@@ -216,7 +216,7 @@ def load_entry_points(pm: DextPluginManager, group: str = ENTRY_POINT_GROUP) -> 
         if owner != (dist.metadata["Name"] or "?") and not pm.is_blocked(ep.name):
             # Not a shadowed copy: it was dropped unsaid (which one loads follows sys.path).
             error = (
-                f"not loaded: distribution {owner!r} has a plugin of that name, loaded instead;"
+                f"not loaded: distribution {owner!r} has a plugin of that name (the one tried);"
                 " two distributions' plugins cannot share a name: rename one's entry point"
             )
             said = "was"

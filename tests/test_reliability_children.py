@@ -624,6 +624,7 @@ async def test_a_dext_child_ignoring_shutdown_and_sigterm_is_sigkilled_after_the
 
 LINGERING_PLUGIN = """
 import threading
+from concurrent import futures
 from damocles_ext.hookspecs import ProverSpec, hookimpl
 from damocles_ext_plugins.testing import echo_output
 
@@ -637,7 +638,11 @@ class Lingering:
 def factory(options):
     # a vendor library's poller: not a daemon, and it never ends
     threading.Thread(target=threading.Event().wait, name="vendor-poller").start()
-    return Lingering()
+    prover = Lingering()
+    # the prover's idle executor's worker: no daemon either, but Python's exit ends it (unsaid)
+    prover.pool = futures.ThreadPoolExecutor(thread_name_prefix="idle-pool")
+    prover.pool.submit(int).result()
+    return prover
 
 @hookimpl
 def dext_provers():

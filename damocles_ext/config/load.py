@@ -472,7 +472,7 @@ class _Builder:
             if probe.partial is not None and not self.partial_said:
                 self.partial_said = True
                 self._warn(
-                    None,  # (said once, for every table of Gpus = "all")
+                    scope,  # (said once, for the first table of Gpus = "all")
                     f'{where}.Gpus: "all" takes only the GPUs listed,'
                     f" {', '.join(map(str, gpus))}, as the driver said ({probe.partial})",
                 )

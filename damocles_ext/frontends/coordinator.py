@@ -104,7 +104,7 @@ class Coordinator:
         self._watch_clocks = watch_clocks
         self.cleanup_pass = DEFAULT_PASS_LIMIT  # finished jobs forgotten per cleanup pass
         #: Seconds this machine's clock ran ahead of the PostgreSQL server's at the last check,
-        #: when that was CLOCK_SKEW or more (None: in step, or SQLite).
+        #: when that was trio_store.CLOCK_SKEW or more (None: in step, or SQLite).
         self.clock_skew: float | None = None
         #: A SQLite store's log size that is warned (checked with the clock), and whether it was.
         self.log_warn_size = LOG_WARN_SIZE

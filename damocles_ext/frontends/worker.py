@@ -373,7 +373,7 @@ class Worker:
                 continue
             except RpcClientError as exc:  # no answer, or not JSON-RPC (a proxy's 502): said once
                 self.unanswered(exc)
-                await self._pause(backoff.next_delay())
+                await self.retry_wait(backoff.next_delay(), until_stopped=True)
                 continue
             self.answered(self._outage, self._refusals)
             backoff.reset()
@@ -408,9 +408,6 @@ class Worker:
 
     def _idle(self, seconds: float) -> None:  # ask again then, or when one of our jobs ends
         self._idle_until = trio.current_time() + seconds
-
-    async def _pause(self, seconds: float) -> None:
-        await self.retry_wait(seconds, until_stopped=True)
 
     async def retry_wait(self, seconds: float, *, until_stopped: bool = False) -> None:
         """Wait `seconds` before calling the manager again, less when it comes back meanwhile

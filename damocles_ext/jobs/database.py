@@ -396,7 +396,7 @@ PG_TOO_MANY_CONNECTIONS: Final = "53300"
 #: max_connections reached, or a role's or a database's CONNECTION LIMIT (its kind and name).
 _NO_SLOT_LEFT = re.compile(
     r"too many clients|remaining connection slots are reserved"
-    r"|too many connections for (role|database) \"(.*)\""
+    r"|too many connections for (role|database) \"([^\"]*)\""
 )
 
 
