@@ -11,6 +11,7 @@ from urllib.parse import quote
 import psycopg
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 from test_jobs_rules import make_input
 from test_jobs_summary import T0, make_old_store
 
@@ -100,6 +101,55 @@ def test_an_upgrade_a_session_idle_in_a_transaction_holds_gives_up_naming_it(pos
     assert "it is left at version 2, unchanged" in message and "pg_terminate_backend" in message
     with JobStore.open(postgres_url) as s:  # that session gone, the upgrade goes through
         assert s.schema_version() == store.SCHEMA_VERSION and s.get(job.Id) == job
+
+
+def test_an_upgrade_held_up_names_the_sessions_on_its_own_tables_not_another_stores(postgres_url):
+    # Two stores in one database, each in its schema (a URL with its own search_path): the
+    # holders were matched by table name, so a reader of the other store was named too, for the
+    # operator to end (pg_terminate_backend) though it held nothing of this one.
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA a")
+        admin.execute("CREATE SCHEMA b")
+    in_a = f"{postgres_url}&options=-csearch_path%3Da"
+    job = rules.new_job(make_input(seed=9, miner=1234), T0)
+    make_old_store(in_a, 2, job)
+    JobStore.open(f"{postgres_url}&options=-csearch_path%3Db").close()
+    with psycopg.connect(postgres_url) as other, psycopg.connect(postgres_url) as idle:
+        for conn in (other, idle):
+            conn.execute("SET idle_in_transaction_session_timeout = '30s'")
+        other.execute("SELECT count(*) FROM b.dext_wdpost_jobs")  # the other store's reader
+        idle.execute("SELECT count(*) FROM a.dext_wdpost_jobs")  # and this one's
+        with pytest.raises(StoreUnavailable) as raised:
+            JobStore.open(in_a)
+        message = str(raised.value)
+        assert f"pid {idle.info.backend_pid} (user " in message, message
+        assert f"pid {other.info.backend_pid} " not in message, message
+
+
+def test_an_upgrade_the_owner_may_not_make_its_new_table_for_says_which_grant(postgres_url):
+    # The upgrade to version 4 makes a table: the tables' owner without CREATE on the schema
+    # (PostgreSQL 15's default for public, CVE-2018-1058's advice) was told that only the
+    # owner may upgrade, to run with the owner's URL: the one it ran with.
+    role = f"up{os.getpid()}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        admin.execute(f"CREATE ROLE {role} LOGIN")
+        admin.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
+    try:
+        as_role = make_url(postgres_url).set(username=role).render_as_string(hide_password=False)
+        make_old_store(as_role, 3, rules.new_job(make_input(seed=9, miner=1234), T0))
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"REVOKE CREATE ON SCHEMA public FROM {role}")
+            admin.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        with pytest.raises(StoreConfigError) as raised:
+            JobStore.open(as_role)
+        message = str(raised.value)
+        assert "its upgrade makes a table, which the PostgreSQL role" in message, message
+        assert f"GRANT CREATE ON SCHEMA public TO {role}" in message, message
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
 
 
 def test_a_search_path_that_names_no_existing_schema_is_a_mistake_that_says_what_to_do(

@@ -198,9 +198,12 @@ def _lock_holders(engine: Engine) -> str:
     query = sa.text(
         "SELECT DISTINCT a.pid, a.usename, a.application_name, a.state, a.xact_start"
         " FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
-        " JOIN pg_class c ON c.oid = l.relation"
-        " WHERE c.relname IN :names AND l.granted AND a.pid <> pg_backend_pid() ORDER BY a.pid"
-    ).bindparams(sa.bindparam("names", expanding=True))
+        # The store's own tables (its search_path's), not those of a store of another schema
+        # or database named alike: their sessions are no one's to end for this upgrade.
+        " WHERE l.relation IN (SELECT to_regclass(n) FROM unnest(CAST(:names AS text[])) AS n)"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND l.granted AND a.pid <> pg_backend_pid() ORDER BY a.pid"
+    )
     try:
         with engine.connect() as conn:
             rows: list[Any] = list(conn.execute(query, {"names": names}))
@@ -305,6 +308,14 @@ def not_permitted(error: exc.DBAPIError, url: URL, where: str, found: int) -> St
             f" that may (its owner's), or GRANT CREATE ON SCHEMA public TO {role} (or the schema"
             " first on its search_path)"
         )
+    if found < SCHEMA_VERSION and (schema := _schema_refused(what)) is not None:
+        # The owner itself: the upgrade makes a table, in a schema it may not create in.
+        return StoreConfigError(
+            f"the job store {where} has schema version {found}, older than this damocles-ext's"
+            f" ({SCHEMA_VERSION}), and its upgrade makes a table, which the PostgreSQL role"
+            f" {role!r} may not do in schema {schema!r} ({what}): GRANT CREATE ON SCHEMA"
+            f" {schema} TO {role} (it may be revoked once upgraded), then start again"
+        )
     if found < SCHEMA_VERSION:
         return StoreConfigError(
             f"the job store {where} has schema version {found}, older than this damocles-ext's"
@@ -313,6 +324,12 @@ def not_permitted(error: exc.DBAPIError, url: URL, where: str, found: int) -> St
             " (`damocles-ext status --jobs URL --upgrade` upgrades it), then start this one again"
         )
     return _write_refused(role, where, what)
+
+
+def _schema_refused(what: str) -> str | None:
+    """The schema of a 'permission denied for schema X' (CREATE refused), else None."""
+    found = re.search(r"permission denied for schema (\S+)", what)
+    return found[1] if found else None
 
 
 def _write_refused(role: str, where: str, what: str) -> StoreConfigError:
