@@ -294,7 +294,9 @@ def no_schema(error: exc.DBAPIError, engine: Engine, url: URL, where: str) -> St
     )
 
 
-def not_permitted(error: exc.DBAPIError, url: URL, where: str, found: int) -> StoreError | None:
+def not_permitted(
+    error: exc.DBAPIError, engine: Engine, url: URL, where: str, found: int
+) -> StoreError | None:
     """The StoreConfigError for a PostgreSQL role that may not create, upgrade or write the store
     at version `found` (`error`: permission denied), saying what it needs; None for another
     error."""
@@ -308,7 +310,8 @@ def not_permitted(error: exc.DBAPIError, url: URL, where: str, found: int) -> St
             f" that may (its owner's), or GRANT CREATE ON SCHEMA public TO {role} (or the schema"
             " first on its search_path)"
         )
-    if found < SCHEMA_VERSION and (schema := _schema_refused(what)) is not None:
+    schema = _schema_refused(what)
+    if found < SCHEMA_VERSION and schema is not None and _owns_jobs(engine):
         # The owner itself: the upgrade makes a table, in a schema it may not create in.
         return StoreConfigError(
             f"the job store {where} has schema version {found}, older than this damocles-ext's"
@@ -324,6 +327,19 @@ def not_permitted(error: exc.DBAPIError, url: URL, where: str, found: int) -> St
             " (`damocles-ext status --jobs URL --upgrade` upgrades it), then start this one again"
         )
     return _write_refused(role, where, what)
+
+
+def _owns_jobs(engine: Engine) -> bool:
+    """Whether this session's role owns the jobs table (or is a member of its owner's)."""
+    query = sa.text(
+        "SELECT pg_has_role(current_user, c.relowner, 'USAGE') FROM pg_class c"
+        " WHERE c.oid = to_regclass(:table)"
+    )
+    try:
+        with engine.connect() as conn:
+            return bool(conn.execute(query, {"table": jobs.name}).scalar())
+    except exc.DBAPIError:
+        return False
 
 
 def _schema_refused(what: str) -> str | None:

@@ -242,7 +242,7 @@ class JobStore:
                 return found
         except exc.DBAPIError as e:
             why = (
-                migration.not_permitted(e, self.url, self.where, found)
+                migration.not_permitted(e, self.engine, self.url, self.where, found)
                 or migration.lock_waited_out(e, self.engine, self.where, found, lock_timeout)
                 or migration.no_schema(e, self.engine, self.url, self.where)
             )
