@@ -4,6 +4,7 @@ source node look-alike answers, stops, or hangs."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import pytest
@@ -72,7 +73,7 @@ def worker_on_source(rig, kids, source, base, comm_rs) -> tuple[Worker, SectorLo
 
 
 async def test_with_the_source_stopped_mid_run_proofs_go_on_from_cached_locations_and_gone_files_are_faults(
-    moved, tmp_path
+    moved, tmp_path, caplog
 ):
     base, comm_rs, rig = moved
     kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
@@ -99,6 +100,13 @@ async def test_with_the_source_stopped_mid_run_proofs_go_on_from_cached_location
     verify(third, base, done[2].Output)
     assert status["stale_answers"] == 4 and status["missing"] == 1
     assert status["source_errors"] and status["last_source_error"] is not None
+    # Said once a job and kind, not once a sector (thousands a job while a source was down).
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+            and r.getMessage().startswith(("job " + second.Id, "job " + third.Id))]  # fmt: skip
+    assert said[0].startswith(f"job {second.Id}: 2 sector(s) given from their last known"), said
+    assert said[1].startswith(f"job {second.Id}: 1 sector(s) faults (sector 3 of miner"), said
+    assert said[2].startswith(f"job {third.Id}: 2 sector(s) given from their last known"), said
+    assert len(said) == 3, said
 
 
 async def test_a_worker_restarted_while_the_source_is_down_proves_from_the_locations_it_kept(

@@ -23,6 +23,7 @@ from ..errors import describe, passes_through, text_of
 from ..jobs.worker_rules import MissingStore, PulledJob, default_sector_paths
 from ..sectors.files import in_thread
 from ..threads import NoThreadError
+from ..wording import some_and_more
 
 if TYPE_CHECKING:
     import pluggy
@@ -88,15 +89,25 @@ async def job_sector_paths(
         assert locator is not None
         time_left = None if job.NotAfter is None else job.NotAfter - now
         answers = await locator.locate([ref for _, ref in unresolved], time_left=time_left)
+        stale: list[tuple[SectorRef, str]] = []
+        lost: list[tuple[SectorRef, str]] = []
         for (i, ref), answer in zip(unresolved, answers, strict=True):
             location = answer.location
             if answer.found and location is not None:
                 paths[i] = (location.sealed_file, location.cache_dir)
                 if answer.stale:
-                    log.warning("job %s: %s: %s", job.Id, ref, answer.detail)
+                    stale.append((ref, answer.detail))
             else:
-                log.warning("job %s: %s is a fault: %s", job.Id, ref, answer.detail)
+                lost.append((ref, answer.detail))
                 faults.append(ref.number)
+        # One line per job and kind, not per sector: a source node down made thousands a job.
+        for said, what in ((stale, "given from their last known locations"), (lost, "faults")):
+            if said:
+                names = some_and_more([str(ref) for ref, _ in said[:3]], len(said))
+                log.warning("job %s: %d sector(s) %s (%s): %s", job.Id, len(said), what, names,
+                            said[0][1])  # fmt: skip
+                for ref, detail in said:
+                    log.debug("job %s: %s %s: %s", job.Id, ref, what, detail)
     return paths, faults
 
 
