@@ -423,8 +423,8 @@ def _say_error(
         if request_id is not None:
             fields["request_id"] = request_id
         logging.getLogger("damocles_ext.cli").error("%s", text, extra=fields)
-    else:
-        print(text, file=sys.stderr)
+    else:  # (each line's controls escaped: an id or a server's words may hold an ESC, a CR)
+        print("\n".join(map(logs.controls_escaped, text.split("\n"))), file=sys.stderr)
 
 
 def _main(argv: list[str] | None) -> int:

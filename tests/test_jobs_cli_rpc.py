@@ -212,3 +212,21 @@ def test_list_of_a_server_whose_times_are_past_year_9999_shows_them_as_numbers(c
             out = capsys.readouterr().out
             assert "253402300800" in out, out
             assert ("18446744073709551615" in out) == ("--detail" in flags), out
+
+
+def test_a_servers_error_reaches_the_terminal_with_its_controls_escaped(capsys):
+    # A server's (or a proxy's) error message went to stderr raw: an ESC sequence could clear
+    # the screen or recolour it, a CR or LF forge a line.
+    from helpers.gojsonrpc import GoJsonRpcServer, MethodError
+
+    def refuse(*_):
+        raise MethodError("job 'x' does not exist\x1b[2J\x1b[31mFAKE\nsecond line\rCR")
+
+    server = GoJsonRpcServer({"Venus.WdPoStResetJob": refuse, "Venus.WdPoStRemoveJob": refuse})
+    with server:
+        for command in ("reset", "remove"):
+            code = cli.main(["wdpost", command, "x", "--manager", server.multiaddr])
+            err = capsys.readouterr().err
+            assert code in (1, 2) and "\x1b" not in err and "\r" not in err, err
+            assert err.count("\n") == 1, err  # one line
+            assert "does not exist\\x1b[2J\\x1b[31mFAKE\\nsecond line\\rCR" in err, err

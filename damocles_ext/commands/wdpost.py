@@ -232,6 +232,7 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
     from damocles_ext.jobs import rpc
     from damocles_ext.jobs.client import RpcCallError, RpcClient
     from damocles_ext.jobs.listing import decode_all_jobs
+    from damocles_ext.logs import one_line
 
     try:
         client = RpcClient(args.manager, token=args.token_file)
@@ -266,7 +267,7 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
                     except RpcCallError as e:
                         if e.code != rpc.METHOD_ERROR or "does not exist" not in e.message:
                             raise
-                        raise _reset_stopped(e.message, done) from None
+                        raise _reset_stopped(one_line(e.message), done) from None
                     done.append(job_id)
             elif args.wdpost_command == "remove":
                 for job_id in args.ids:

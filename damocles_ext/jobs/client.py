@@ -30,6 +30,7 @@ import msgspec
 import trio
 
 from ..errors import DextError
+from ..logs import one_line
 from ..threads import no_thread
 from .endpoint import Endpoint, parse_endpoint
 
@@ -85,7 +86,10 @@ class RpcCallError(RpcClientError):
     """The server answered the call with a JSON-RPC error: `code` and `message` are its own."""
 
     def __init__(self, code: int, message: str, *, url: str, method: str, status: int) -> None:
-        super().__init__(f"{method} at {url}: {message} (code {code})", url=url, method=method)
+        # Said as the server wrote it, its controls escaped: no escape sequence or line break of
+        # a server's (or a proxy's) reaches the operator's terminal or log raw.
+        said = one_line(message)
+        super().__init__(f"{method} at {url}: {said} (code {code})", url=url, method=method)
         self.code = code
         self.message = message
         self.status = status
