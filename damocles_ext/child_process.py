@@ -30,15 +30,10 @@ def protect_stdio() -> tuple[int, int]:
     inherited (os.dup's copies are non-inheritable). Returns (the fd to read the protocol from,
     the fd to write it to).
     """
+    from .frontends.serve import take_protocol_fds  # (serve's process does the same first)
+
     sys.stdout.flush()
-    in_fd = os.dup(0)
-    out_fd = os.dup(1)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    return in_fd, out_fd
+    return take_protocol_fds()
 
 
 def prover_version(pm: DextPluginManager, prover: Prover, prover_name: str) -> str:

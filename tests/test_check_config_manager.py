@@ -235,10 +235,8 @@ def test_the_readme_manager_snippet_sets_concurrent_and_passes_its_own_check(
 def test_a_connect_entry_is_checked_against_the_run_answering_at_its_socket(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    import subprocess
-    import threading
 
-    from helpers.frontend import DEXT, dext_env, short_socket_dir
+    from helpers.frontend import short_socket_dir
 
     ours = _ours(tmp_path / "ours", OURS)  # 3 window_post slots, 2 winning_post
     with short_socket_dir("m", tmp_path.name) as runtime:
@@ -258,28 +256,8 @@ Concurrent = 2
         # Nothing listens yet: nothing to compare with, nothing said.
         assert not [w for w in _check(capsys, "-c", str(manager)) if "Concurrent" in w]
 
-        run = subprocess.Popen(
-            [*DEXT, "run", "-c", str(ours), "--socket", str(socket)],
-            env=dext_env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        listening = threading.Event()
-        log: list[bytes] = []
-
-        def drain() -> None:
-            for line in run.stderr:
-                log.append(line)
-                if b"control socket listening on" in line:
-                    listening.set()
-            listening.set()
-
-        threading.Thread(target=drain, daemon=True).start()
-        try:
-            assert listening.wait(60) and run.poll() is None, b"".join(log).decode()
+        with _listening(["run", "-c", str(ours), "--socket", str(socket)]):
             warnings = [w for w in _check(capsys, "-c", str(manager)) if "Concurrent" in w]
-        finally:
-            run.terminate()
-            assert run.wait(timeout=60) == 0, b"".join(log).decode()
     assert warnings == [
         (
             f"{manager}: WdPost[0] has Concurrent = 2, but the `damocles-ext run` at {socket}"
