@@ -35,7 +35,7 @@ from helpers.supervisor import (
 
 from damocles_ext.errors import ProverError
 from damocles_ext.logs import JsonFormatter
-from damocles_ext.supervisor import Supervisor, process
+from damocles_ext.supervisor import Supervisor, stderr_relay
 from damocles_ext.supervisor.restart import BackoffPolicy
 
 FAST = BackoffPolicy(base=0.02, cap=0.08)
@@ -531,9 +531,9 @@ async def test_a_stderr_flood_is_relogged_in_pieces_and_capped_while_requests_ar
         child_logger.setLevel(saved[0])
         child_logger.propagate = saved[1]
     # A burst is logged whole, then at most the rate; what is dropped is said, with its count.
-    cap = process.STDERR_BURST + process.STDERR_LINES_PER_SECOND * elapsed + 1
+    cap = stderr_relay.STDERR_BURST + stderr_relay.STDERR_LINES_PER_SECOND * elapsed + 1
     assert seen.x_lines + seen.y_pieces <= cap
-    assert seen.x_lines >= min(40_000, process.STDERR_BURST) and seen.dropped > 30_000
+    assert seen.x_lines >= min(40_000, stderr_relay.STDERR_BURST) and seen.dropped > 30_000
     # ...in a warning a second at most (one per line let through doubled what was logged).
     assert seen.warnings <= elapsed + 2, (seen.warnings, elapsed)
     # The newline-less line arrives as pieces of at most 8 KiB, never buffered whole.
@@ -543,7 +543,7 @@ async def test_a_stderr_flood_is_relogged_in_pieces_and_capped_while_requests_ar
 
 
 async def test_the_stderr_cap_keeps_a_burst_then_the_rate_and_counts_what_it_drops(autojump_clock):
-    lines = b"".join(b"line %d\n" % i for i in range(process.STDERR_BURST + 500))
+    lines = b"".join(b"line %d\n" % i for i in range(stderr_relay.STDERR_BURST + 500))
     send, receive = trio.testing.memory_stream_one_way_pair()
     seen = _Count()
     logger = logging.getLogger("test.stderr.cap")
@@ -553,18 +553,51 @@ async def test_the_stderr_cap_keeps_a_burst_then_the_rate_and_counts_what_it_dro
     tail: deque[str] = deque(maxlen=2)
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(process.relay_stderr, receive, "child:", logger, None, tail)
+            nursery.start_soon(stderr_relay.relay_stderr, receive, "child:", logger, None, tail)
             await send.send_all(lines)
             await trio.testing.wait_all_tasks_blocked()
-            assert seen.logged == process.STDERR_BURST  # the clock stood still: no refill
+            assert seen.logged == stderr_relay.STDERR_BURST  # the clock stood still: no refill
             await trio.sleep(1.0)  # the (mock) clock: a second's worth of lines again
             await send.send_all(b"".join(b"later %d\n" % i for i in range(1000)))
             await send.aclose()
     finally:
         logger.removeHandler(seen)
-    assert seen.logged == process.STDERR_BURST + process.STDERR_LINES_PER_SECOND
-    assert seen.dropped == 500 + 1000 - process.STDERR_LINES_PER_SECOND
+    assert seen.logged == stderr_relay.STDERR_BURST + stderr_relay.STDERR_LINES_PER_SECOND
+    assert seen.dropped == 500 + 1000 - stderr_relay.STDERR_LINES_PER_SECOND
     assert list(tail) == ["later 998", "later 999"]  # a failed start still says why
+
+
+async def test_the_stderr_cap_holds_across_the_restarts_of_a_child_that_floods_and_dies():
+    # Each process answers, writes more than a burst of lines and dies; the cap was each
+    # process's own, so a crash loop was logged at a fresh burst per process (~2,000 lines/s).
+    flood = stderr_relay.STDERR_BURST + 1000
+    handle = f"""
+    answer(msg)
+    os.write(2, (b"x" * 99 + b"\\n") * {flood})
+    os._exit(1)
+    """
+    seen = _Count()
+    child_logger = logging.getLogger("damocles_ext.child")
+    saved = child_logger.level, child_logger.propagate
+    child_logger.addHandler(seen)
+    child_logger.setLevel(logging.INFO)
+    child_logger.propagate = False
+    started = trio.current_time()
+    try:
+        async with open_supervisor_fast([spec(dext_child(handle))]) as sup:
+            await sup.wait_ready()
+            for i in range(5):
+                assert who(await sup.submit(window_task(miner=i)))[0] == i
+            # Four processes' floods read whole (each wrote them before it died).
+            await wait_until(lambda: seen.x_lines + seen.dropped >= 4 * flood, 20, "the floods")
+        elapsed = trio.current_time() - started
+    finally:
+        child_logger.removeHandler(seen)
+        child_logger.setLevel(saved[0])
+        child_logger.propagate = saved[1]
+    cap = stderr_relay.STDERR_BURST + stderr_relay.STDERR_LINES_PER_SECOND * elapsed + 1
+    assert seen.x_lines <= cap, (seen.x_lines, cap, elapsed)
+    assert seen.dropped > 0 and seen.warnings <= elapsed + 6  # said at most once a second
 
 
 class _Count(logging.Handler):

@@ -20,7 +20,7 @@ import os
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
@@ -29,10 +29,11 @@ from ..config import child_env, describe_argv
 from ..logs import report_bad_output
 from .connection import ChildConnection, ChildProtocolError, Ready, preview
 from .observers import child_info, exit_status
-from .process import ChildProcess, SpawnError, prepare_spawn, relay_stderr, spawn
+from .process import ChildProcess, SpawnError, prepare_spawn, spawn
 from .reaper import REAP_TIMEOUT
 from .restart import GiveUp, RestartTracker
 from .states import TRANSITIONS, ChildState, IllegalTransition
+from .stderr_relay import StderrCap, relay_stderr, stderr_summary
 
 if TYPE_CHECKING:
     from ..lifecycle import RequestBook
@@ -51,7 +52,6 @@ _SLOW_PLUGINS = (
     " import) or to build its prover delays every Plugin child"
 )
 _STDERR_TAIL_LINES = 2  # a child's last stderr lines quoted in its exit reason (failed starts)
-_STDERR_LINE_CHARS = 300
 _MAX_QUEUE = 16  # requests beyond Concurrent a child may be sent (its Hello's queue, bounded)
 _YIELD_EVERY = 16  # reads in a row: a child that floods us must not starve everything else
 
@@ -103,6 +103,7 @@ class Child:
         self.stop = trio.Event()
         self.launched = False
         self.capacity = max(1, spec.concurrent)
+        self.stderr_cap = StderrCap()  # across its processes: a crash loop gets no new bursts
 
     @property
     def state(self) -> ChildState:
@@ -358,7 +359,7 @@ async def _run_process(host: ChildHost, child: Child, task_status: Any) -> tuple
     reason = "?"
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_relay_stderr, p, prefix, dict(child.fields))
+            nursery.start_soon(_relay_stderr, p, prefix, dict(child.fields), child.stderr_cap)
             nursery.start_soon(_watch_exit, host, child, p)
             ready = await _handshake(host, child, p)
             if ready:
@@ -396,9 +397,9 @@ async def _run_process(host: ChildHost, child: Child, task_status: Any) -> tuple
     return ready, reason
 
 
-async def _relay_stderr(p: Process, prefix: str, fields: dict[str, Any]) -> None:
+async def _relay_stderr(p: Process, prefix: str, fields: dict[str, Any], cap: StderrCap) -> None:
     try:
-        await relay_stderr(p.proc.stderr, prefix, child_log, fields, p.stderr_tail)
+        await relay_stderr(p.proc.stderr, prefix, child_log, fields, p.stderr_tail, cap)
     finally:
         p.stderr_done.set()
 
@@ -648,7 +649,7 @@ async def _tear_down(host: ChildHost, child: Child, p: Process, was_ready: bool)
     if p.stderr_tail and (not was_ready or (exit_info and exit_info.returncode)):
         # A child that could not start (or gave up) says why on stderr, e.g. "unknown
         # prover"; the operator should not have to dig that out of the log.
-        what += f"; its last stderr: {_stderr_summary(p.stderr_tail)}"
+        what += f"; its last stderr: {stderr_summary(p.stderr_tail)}"
     child.last_exit = what
     child.start_refused = not was_ready and exit_info is not None and exit_info.returncode == 2
     host.tell(host.book.child_lost, child.name, trio.current_time(), what)
@@ -679,13 +680,6 @@ async def _until_group_gone(host: ChildHost, child: Child, p: Process) -> None:
                   " may fail while that holds the GPU's memory: check the machine (dmesg)",
                   child.name, p.proc.pid, ", ".join(map(str, left)), REAP_TIMEOUT)  # fmt: skip
     _locks_freed(host, child, p.proc)
-
-
-def _stderr_summary(lines: Iterable[str]) -> str:
-    cut = _STDERR_LINE_CHARS
-    return " | ".join(
-        repr(line if len(line) <= cut else line[:cut] + "...") for line in map(str.strip, lines)
-    )
 
 
 def _short_argv(spec: Any) -> str:

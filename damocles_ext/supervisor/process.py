@@ -17,14 +17,12 @@ import ctypes
 import errno
 import fcntl
 import logging
-import math
 import os
 import shutil
 import signal
 import stat
 import subprocess
 import threading
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -616,80 +614,3 @@ def os_reason(exc: OSError) -> str:
     advice = {errno.EAGAIN: TASKS_ADVICE, errno.EMFILE: FILES_ADVICE}.get(exc.errno or 0)
     said = f"{exc.strerror or exc}" + (f" (errno {code})" if code else "")
     return f"{said}: {advice}" if advice else said
-
-
-#: A child's stderr lines logged at most this many a second, past a burst of STDERR_BURST.
-STDERR_LINES_PER_SECOND = 200
-STDERR_BURST = 2000
-
-
-async def relay_stderr(
-    stream: trio.abc.ReceiveStream,
-    prefix: str,
-    logger: logging.Logger,
-    fields: Mapping[str, object] | None = None,
-    tail: deque[str] | None = None,
-) -> None:
-    """Log each line the child writes on stderr, with `prefix` in front; returns at EOF.
-
-    `fields` go on each record (logging's `extra`), so JSON logs carry them as keys. `tail`, if
-    given, keeps the last non-blank lines (its maxlen), so a failed start can say why.
-    """
-    limit = 8192  # a longer line is logged in pieces rather than buffered without bound
-    # A token bucket of lines: a burst (a traceback, a prover's start-up chatter) is logged
-    # whole; a child writing without end fills no disk (a flood logged 1 GB in 5 s).
-    tokens, refilled, dropped = float(STDERR_BURST), trio.current_time(), 0
-    said_at = -math.inf  # when the last "dropped" warning went out: at most one a second
-
-    def emit(text: str) -> None:
-        nonlocal tokens, refilled, dropped
-        if tail is not None and text.strip():
-            tail.append(text)
-        if tokens < 1:
-            now = trio.current_time()
-            tokens = min(STDERR_BURST, tokens + (now - refilled) * STDERR_LINES_PER_SECOND)
-            refilled = now
-            if tokens < 1:
-                dropped += 1
-                return
-        if dropped and trio.current_time() - said_at >= 1.0:
-            said_dropped()
-        tokens -= 1
-        logger.info("%s %s", prefix, text, extra=fields)
-
-    def said_dropped() -> None:
-        nonlocal dropped, said_at
-        said_at = trio.current_time()
-        logger.warning(
-            "%s %d stderr lines dropped: it wrote over %d a second (bursts of %d are kept)",
-            prefix,
-            dropped,
-            STDERR_LINES_PER_SECOND,
-            STDERR_BURST,
-            extra=fields,
-        )
-        dropped = 0
-
-    buf = b""
-    while True:
-        try:
-            data = await stream.receive_some(65536)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            data = b""
-        if not data:
-            if buf:
-                emit(buf.decode("utf-8", "replace").rstrip())
-            if dropped:
-                said_dropped()
-            return
-        buf += data
-        while True:
-            nl = buf.find(b"\n")
-            if nl < 0 or nl > limit:
-                if len(buf) > limit:
-                    emit(buf[:limit].decode("utf-8", "replace"))
-                    buf = buf[limit:]
-                    continue
-                break
-            line, buf = buf[:nl], buf[nl + 1 :]
-            emit(line.decode("utf-8", "replace").rstrip("\r"))
