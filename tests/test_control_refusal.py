@@ -154,6 +154,38 @@ async def test_a_request_id_below_one_is_refused_not_answered_as_the_connections
     assert 1 not in backend.started
 
 
+async def test_clients_breaking_the_protocol_in_a_loop_are_logged_a_line_per_10_s_with_a_count(
+    sock_dir, nursery, caplog, autojump_clock
+):
+    # A client in a retry loop, breaking the protocol on each connection (garbage, a request id
+    # 0, a frame only a prover child sends): a line per connection flooded the log.
+    caplog.set_level(logging.INFO, "damocles_ext.control")
+    server, _ = await serve(nursery, sock_dir)
+    frames = [
+        b"GET / HTTP/1.1\r\n\r\n",
+        dext.encode(dext.Request(0, make_task(1))),
+        dext.encode(dext.Progress(1, "proving")),
+    ]
+
+    async def break_it(times: int) -> None:
+        for i in range(times):
+            s = await raw_connection(server)
+            await s.send(frames[i % len(frames)])
+            [refusal] = control_protocol.frame_decoder().receive_data(await read_until_closed(s))
+            s.close()
+            assert isinstance(refusal, control_protocol.Refusal), refusal  # each still told
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+
+    await break_it(60)
+    assert len(said()) == 1 and "control client broke the protocol" in said()[0], said()
+    await trio.sleep(11)  # (the mock clock) past the throttle's 10 s
+    await break_it(1)
+    assert len(said()) == 2, said()
+    assert "(59 more like it in the last 10 s)" in said()[1], said()
+
+
 async def test_a_frame_cut_off_by_a_half_close_gets_no_refusal(sock_dir, nursery, caplog):
     caplog.set_level(logging.INFO, "damocles_ext.control")
     server, _ = await serve(nursery, sock_dir)

@@ -167,6 +167,8 @@ class ControlServer:
         self._stats = ControlStats()
         self._idle: trio.Event | None = None  # a wait_idle's, set once _open falls to 0
         self._log_over_buffer = ThrottledLog(log)
+        # A client that breaks the protocol, in a retry loop, must not write a line per try.
+        self.client_errors = ThrottledLog(log, logging.ERROR)
 
     @property
     def max_connections(self) -> int:

@@ -188,7 +188,9 @@ class Connection:
                 if not data:  # it hung up inside a frame (killed as it wrote): nobody to tell
                     log.info("control client hung up inside a frame: %s", exc)
                     return
-                log.error("control client broke the protocol, closing its connection: %s", exc)
+                self._server.client_errors(
+                    "control client broke the protocol, closing its connection: %s", exc
+                )
                 self._refusal = control_protocol.refusal_reason(exc)
                 return
             if not self._server.buffer_changed(self, self._decoder.pending):
@@ -223,7 +225,9 @@ class Connection:
                     else:
                         nursery.start_soon(self._answer_status, msg.id)
                 elif isinstance(msg, dext.Request):  # id 0 or below: 0 is the connection's own
-                    log.error("control client sent request id %d; closing its connection", msg.id)
+                    self._server.client_errors(
+                        "control client sent request id %d; closing its connection", msg.id
+                    )
                     self._refusal = (
                         f"the client sent a request with id {msg.id}: request ids are from 1 (a"
                         " Response with id 0 is about the connection, not a request); number"
@@ -231,7 +235,7 @@ class Connection:
                     )
                     return
                 else:
-                    log.error(
+                    self._server.client_errors(
                         "control client sent a %s frame, which only a prover child may"
                         " send; closing its connection",
                         type(msg).__name__,
