@@ -935,6 +935,57 @@ async def test_the_index_may_be_answered_without_the_token_as_a_damocles_proxy_n
         nursery.cancel_scope.cancel()
 
 
+async def test_requests_with_a_wrong_token_are_warned_about_once_per_10_s_naming_the_peer(
+    sqlite_store, caplog, autojump_clock
+):
+    # A worker with the wrong token, retrying: each request got a 401 and nothing was logged at
+    # any level, so the coordinator's operator never learnt of it.
+    caplog.set_level(logging.DEBUG, "damocles_ext")
+    body = b'{"jsonrpc":"2.0","method":"Venus.WdPoStAllJobs","id":1}'
+
+    async def refused(header: bytes) -> str:
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        host, port = stream.socket.getsockname()[:2]
+        await stream.send_all(
+            b"POST /rpc/v0 HTTP/1.1\r\nHost: c\r\n%sContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s" % (header, len(body), body)
+        )
+        answer = b""
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+        await stream.aclose()
+        assert answer.startswith(b"HTTP/1.1 401 "), answer
+        return f"{host}:{port}"
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name.startswith("damocles_ext")]
+
+    async with trio.open_nursery() as nursery:
+        server = await serving(nursery, sqlite_store, token=TOKEN)
+        first = await refused(b"Authorization: Bearer not-the-token\r\n")
+        for _ in range(99):
+            await refused(b"Authorization: Bearer not-the-token\r\n")
+        [line] = said()
+        assert f"refused a request from {first}: it carries a bearer token that is not" in line
+        assert "--token-file" in line and "not-the-token" not in line and TOKEN not in line
+        await trio.sleep(11)  # (the mock clock) past the 10 s of the throttle
+        peer = await refused(b"Authorization: Basic abc\r\n")
+        expected = (
+            f"refused a request from {peer}: it carries an Authorization header that is not"
+            " `Bearer <token>`; give the client the token of this coordinator's --token-file (or"
+            " serve it from a coordinator without one) (99 more like it in the last 10 s)"
+        )
+        assert said()[1:] == [expected], said()
+        await refused(b"")  # within the 10 s: counted, not said
+        await trio.sleep(11)
+        peer_without = await refused(b"")
+        assert len(said()) == 3 and said()[2].startswith(
+            f"refused a request from {peer_without}: it carries no Authorization header;"
+        ), said()
+        assert said()[2].endswith("(1 more like it in the last 10 s)"), said()
+        nursery.cancel_scope.cancel()
+
+
 async def test_without_the_token_a_long_body_is_not_even_read(sqlite_store):
     # Refused on its headers and closed: a client without the token cannot make the coordinator
     # read (up to 16 MiB) bodies it will never use.

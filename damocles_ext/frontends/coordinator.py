@@ -37,6 +37,7 @@ from .listeners import (
     ThrottledLog,
     bind_tcp,
     join_host_port,
+    peer_address,
     serve_connections,
 )
 from .sector_index import SectorIndex
@@ -510,6 +511,7 @@ class CoordinatorServer:
         self.over_buffer = 0  # connections closed for holding the most when over max_buffered
         self._holding: set[_Connection] = set()  # the connections with a body held
         self._over_buffer_log = ThrottledLog(log)
+        self.token_refusals = ThrottledLog(log)  # a client with a wrong token retries
         if sock is None:
             sock = bind_tcp(host, port, doing="listen", option="--listen")
         self._sock = sock
@@ -593,6 +595,8 @@ class _Connection(HttpConnection):
                          what="coordinator", stopping=lambda: server.stopping)  # fmt: skip
         self._server = server
         self._refused: rpc.RpcError | None = None  # the request being read lacks the token
+        self._peer = peer_address(stream)
+        self._why: str | None = None  # what is wrong with its token, said in our log
         self.buffered = 0  # bytes of the request body kept, as the server accounts them
         self.reading_body = False  # the body is being read (not answered yet)
 
@@ -609,14 +613,14 @@ class _Connection(HttpConnection):
         # header's digits; a chunked body has none and is counted as it comes).
         length = int(dict(request.headers).get(b"content-length", b"0"))
         if self._refused is not None and length > UNAUTHORIZED_BODY:
-            raise _unauthorized(self._refused)
+            raise self._unauthorized(self._refused)
         if length > self._server.max_body:
             raise self._too_large()
 
     def on_data(self, request: h11.Request, data: bytes, size: int) -> bool:
         if self._refused is not None:
             if size > UNAUTHORIZED_BODY:
-                raise _unauthorized(self._refused)
+                raise self._unauthorized(self._refused)
             # Read to keep the connection usable; kept only to see if it asks the open index.
             keep = self._server.index_without_token
         elif size > self._server.max_body:
@@ -635,7 +639,18 @@ class _Connection(HttpConnection):
         if token is None:
             return None
         given = next((v for k, v in request.headers if k == b"authorization"), None)
+        self._why = rpc.bearer_problem(given, token)  # (for our log: the client is told more)
         return rpc.check_bearer(given, token)
+
+    def _unauthorized(self, error: rpc.RpcError) -> Refuse:
+        # Said (never the token): the client is told, but its operator may not read its log.
+        self._server.token_refusals(
+            "refused a request from %s: it carries %s; give the client the token of this"
+            " coordinator's --token-file (or serve it from a coordinator without one)",
+            self._peer,
+            self._why,
+        )
+        return _unauthorized(error)
 
     async def answer(self, request: h11.Request, body: bytes) -> None:
         self.reading_body = False
@@ -647,7 +662,7 @@ class _Connection(HttpConnection):
     async def _answer(self, request: h11.Request, body: bytes) -> None:
         if self._refused is not None and not self._asks_open_index(body):
             # The connection stays open: a client that fixes its header may go on using it.
-            refusal = _unauthorized(self._refused)
+            refusal = self._unauthorized(self._refused)
             await self.send(refusal.status, refusal.body, content_type=refusal.content_type,
                             extra=refusal.extra)  # fmt: skip
         elif request.target.split(b"?", 1)[0] != RPC_PATH:

@@ -235,3 +235,12 @@ def _not_yet(exc: OSError) -> bool:
 def join_host_port(host: str, port: int) -> str:
     """host:port, with an IPv6 address in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def peer_address(stream: trio.SocketStream) -> str:
+    """The address of a TCP connection's peer, host:port (`?` if it cannot be read)."""
+    try:
+        host, port = stream.socket.getpeername()[:2]
+    except (OSError, TypeError, ValueError):
+        return "?"
+    return join_host_port(str(host), int(port))

@@ -341,20 +341,38 @@ def check_bearer(authorization: bytes | None, token: bytes) -> RpcError | None:
 
     The token is compared in constant time, and never put in a message: an error body goes to
     whoever asked."""
-    if authorization is None:
+    problem = bearer_problem(authorization, token)
+    if problem == NO_TOKEN:
         return RpcError(UNAUTHORIZED, f"this coordinator requires a bearer token: {TOKEN_HOWTO}")
-    scheme, _, given = authorization.strip().partition(b" ")
-    if scheme.lower() != b"bearer" or not given.strip():
+    if problem == NOT_BEARER:
         return RpcError(
             UNAUTHORIZED,
             f"the Authorization header is not `Bearer <token>`: {TOKEN_HOWTO}",
         )
-    if not hmac.compare_digest(given.strip(), token):
+    if problem == WRONG_TOKEN:
         return RpcError(
             UNAUTHORIZED,
             "the bearer token is wrong: it is not the one in the coordinator's --token-file;"
             " check the token the client sends",
         )
+    return None
+
+
+#: What `bearer_problem` says is wrong (words for the coordinator's log, never the token).
+NO_TOKEN: Final = "no Authorization header"
+NOT_BEARER: Final = "an Authorization header that is not `Bearer <token>`"
+WRONG_TOKEN: Final = "a bearer token that is not the one of the coordinator's --token-file"
+
+
+def bearer_problem(authorization: bytes | None, token: bytes) -> str | None:
+    """NO_TOKEN, NOT_BEARER or WRONG_TOKEN for this `Authorization` header value; None: right."""
+    if authorization is None:
+        return NO_TOKEN
+    scheme, _, given = authorization.strip().partition(b" ")
+    if scheme.lower() != b"bearer" or not given.strip():
+        return NOT_BEARER
+    if not hmac.compare_digest(given.strip(), token):
+        return WRONG_TOKEN
     return None
 
 
