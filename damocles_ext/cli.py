@@ -14,7 +14,8 @@ import io
 import logging
 import os
 import sys
-from typing import ClassVar, NoReturn
+from collections.abc import Sequence
+from typing import Any, ClassVar, NoReturn
 
 from . import __version__
 from .errors import EXIT_USAGE, DextError, OutputError, ProverError
@@ -42,12 +43,51 @@ COMMANDS = (
 PATH_METAVARS = frozenset({"FILE", "DIR", "PATH", "TASK.json", "OUT.json", "MANIFEST.json"})
 
 
+class _StoreOnce(argparse._StoreAction):
+    """Every _Parser's 'store': an option taking one value, given twice with different values
+    (`--jobs A --jobs B`), is refused (exit 2) naming both, where argparse kept the last one
+    silently. The same value twice stays allowed; options meant to repeat append instead."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        if self.option_strings and self.nargs is None and isinstance(parser, _Parser):
+            text = parser._text
+            if self in parser._given:
+                earlier, earlier_text = parser._given[self]
+                if earlier_text != text and earlier != values:
+                    raise argparse.ArgumentError(
+                        self, f"given twice ({earlier_text!r} and {text!r}): give it once"
+                    )
+            parser._given[self] = (values, text)
+        super().__call__(parser, namespace, values, option_string)
+
+
 class _Parser(argparse.ArgumentParser):
     #: The arguments being parsed and the parser of the whole command line (set by parse_args),
     #: for `error` to name what this parser does not take when argparse stops at something
     #: else first, and the hints to say which options were meant.
     _argv: ClassVar[list[str]] = []
     _root: ClassVar[argparse.ArgumentParser | None] = None
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]  # argparse's own keywords
+        # 'store' (the default action) refuses a second, different value: see _StoreOnce.
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+        #: Each store option given in this parse: its value and the text it was given as.
+        self._given: dict[argparse.Action, tuple[object, str]] = {}
+        #: The text of the value being converted, for _StoreOnce to say it as typed.
+        self._text = ""
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> object:
+        if isinstance(action, _StoreOnce) and len(arg_strings) == 1:
+            self._text = arg_strings[0]
+        return super()._get_values(action, arg_strings)
 
     def error(self, message: str) -> NoReturn:  # argparse exits 2 already; keep its wording short
         commands = _subcommands(self)
@@ -114,6 +154,7 @@ class _Parser(argparse.ArgumentParser):
     ) -> tuple[argparse.Namespace, list[str]]:
         # An empty path would be the current directory (Path("") is "."): a config "that is a
         # directory", fixtures written where the command ran. Refused for every path option.
+        self._given = {}
         parsed, extras = super().parse_known_args(args, namespace)
         for action in self._actions:
             if action.metavar in PATH_METAVARS and getattr(parsed, action.dest, None) == "":

@@ -722,3 +722,31 @@ def test_the_long_running_commands_help_names_every_signal_that_stops_them(comma
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
     assert "SIGTERM, SIGINT or SIGHUP (unless ignored)" in text.split("options:")[0], text
+
+
+def test_an_option_given_twice_with_different_values_is_refused_and_nothing_is_done(
+    sectors: Path,
+):
+    # argparse kept the last of a repeated option silently: `-o a.json -o b.json` wrote b.json,
+    # `check-config -c nope -c native.cfg` checked native.cfg and exited 0.
+    prove = ["prove", "window_post", "--manifest", "s/manifest.json", "--seed", SEED,
+             "-c", "native.cfg", "--no-progress"]  # fmt: skip
+    done = _dext(*prove, "-o", "a.json", "--output=b.json", cwd=sectors)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.endswith(
+        "damocles-ext prove: error: argument -o/--output: given twice ('a.json' and 'b.json'):"
+        " give it once\n"
+    ), done.stderr
+    assert not (sectors / "a.json").exists() and not (sectors / "b.json").exists()
+    stderr = _usage_error("check-config", "-c", "nope", "-c", EXAMPLE)
+    assert f"argument -c/--config: given twice ('nope' and '{EXAMPLE}'): give it once" in stderr
+    # The same value twice is one value; an option meant to repeat (--option) still repeats.
+    done = _dext("check-config", "-c", EXAMPLE, "--config", EXAMPLE)
+    assert done.returncode == 0, done.stderr
+    from damocles_ext.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["coordinator", "--jobs", "sqlite:///j.db", "--jobs", "sqlite:///j.db",
+         "--store", "a=/a", "--store", "b=/b"]
+    )  # fmt: skip
+    assert args.jobs == "sqlite:///j.db" and len(args.store) == 2, args

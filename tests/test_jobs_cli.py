@@ -160,6 +160,24 @@ def test_the_commands_list_reset_and_remove_jobs_in_the_store(store_url, capsys)
         assert s.list_jobs() == []
 
 
+def test_remove_all_with_jobs_given_twice_is_refused_and_removes_nothing(
+    store_url, tmp_path, capsys
+):
+    # argparse kept the last --jobs silently: `--jobs A --jobs B` removed every job of B.
+    with JobStore.open(store_url) as s:
+        s.create(make_input(seed=1), time.time())
+    other = f"sqlite:///{tmp_path}/other.db"
+    args = ["wdpost", "remove-all", "--really-do-it", "--jobs", other, "--jobs", store_url]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(args)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --jobs: given twice ('{other}' and '{store_url}'): give it once" in err
+    with JobStore.open(store_url) as s:
+        assert len(s.list_jobs()) == 1
+    assert not (tmp_path / "other.db").exists()
+
+
 def test_a_damaged_job_is_listed_as_a_warning_and_removed_by_its_id(store_url, capsys, caplog):
     now = time.time()
     with JobStore.open(store_url) as s:

@@ -193,12 +193,12 @@ def test_a_manifest_no_frame_can_carry_or_too_long_to_be_one_exits_2(fixtures, t
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--miner", 2**64], "--miner must be an actor id from 0 to 2**64 - 1"),
+        (["--miner", 2**64, "--count", 1], "--miner must be an actor id from 0 to 2**64 - 1"),
         (["--miner", 1, "--first-sector-id", 2**64 - 1, "--count", 2], "sector ids go from 0"),
     ],
 )
 def test_sectors_create_refuses_ids_over_64_bits(tmp_path, args, message):
-    proc = dext("sectors", "create", "--proof-type", "StackedDrgWindow2KiBV1_2", "--count", 1,
+    proc = dext("sectors", "create", "--proof-type", "StackedDrgWindow2KiBV1_2",
                 *args, "--out", tmp_path / "s", check=2)  # fmt: skip
     assert message in proc.stderr and not (tmp_path / "s").exists()
 
