@@ -522,6 +522,26 @@ def test_a_url_refused_hides_all_of_its_password_whatever_it_holds(url):
     assert "s3cr" not in said and "'postgresql://u:***@h1:" in said, said
 
 
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [("sqlite:///newq?x.db", "'x.db' after its ?"), ("sqlite:///newq?", "nothing after its ?"),
+     ("postgresql://u:s3cr?t@h/db?sslmode", "'sslmode' after its ?"),
+     ("postgresql://u@h/db?connect_timeout=5&sslmode", "'sslmode' after its ?")],
+)  # fmt: skip
+def test_a_query_part_with_no_value_is_refused_not_dropped(tmp_path, monkeypatch, url, said):
+    # SQLAlchemy dropped it: `sqlite:///newq?x.db` made a store at newq, `?sslmode` meant none.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreConfigError) as raised:
+        store.parse_url(url)
+    assert f"has {said}, no NAME=VALUE parameter" in str(raised.value), raised.value
+    assert "write a ? in a file name as %3F" in str(raised.value)
+    assert "s3cr" not in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
+    # A ? in a password is no query; one in a file name, written %3F, is kept.
+    assert store.parse_url("postgresql://u:s3cr?t@h/db").password == "s3cr?t"
+    assert store.parse_url("sqlite:///new%3Fx.db").database == "new?x.db"
+
+
 def test_plain_postgresql_urls_mean_psycopg_3():
     assert store.parse_url("postgresql://u@h/db").drivername == "postgresql+psycopg"
     assert store.parse_url("postgres://u@h/db").drivername == "postgresql+psycopg"

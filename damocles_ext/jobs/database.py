@@ -26,7 +26,7 @@ from ..errors import DextError, UsageError, not_utf8
 from ..tasks import deadline_problem
 from . import model, rules
 from .mounts import FULL_FIX_READING, no_space_left, out_of_descriptors, read_only_mount
-from .pg_hosts import several_servers_problem, split_userinfo
+from .pg_hosts import bare_query_problem, several_servers_problem, split_userinfo
 from .pg_session import on_connect as _pg_session_setup
 
 #: The schema this code reads and writes. A store at a newer version is refused (a newer
@@ -198,6 +198,8 @@ def parse_url(url: str) -> URL:
         )
     if url.startswith("postgres") and (problem := several_servers_problem(url)):
         raise StoreConfigError(f"job store URL {_password_hidden(url)!r}: {problem}")
+    if problem := bare_query_problem(url):
+        raise StoreConfigError(f"job store URL {_password_hidden(url)!r} {problem}; {URL_HELP}")
     try:
         parsed = make_url(url)
     except exc.ArgumentError:

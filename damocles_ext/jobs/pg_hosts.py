@@ -1,4 +1,5 @@
-"""Several PostgreSQL servers before a store URL's database, as SQLAlchemy reads them (sans-IO).
+"""A store URL as SQLAlchemy reads it (sans-IO): several PostgreSQL servers before its database,
+and a query part it would drop.
 
 SQLAlchemy reads one HOST:PORT between the user and the database: `h1,h2:5432` it passes on as
 one list of hosts and one port, which libpq tries in turn; `h1:5432,h2:5433` fails on a port
@@ -36,4 +37,19 @@ def several_servers_problem(url: str) -> str | None:
         " postgresql://USER:PASSWORD@/DATABASE?host=h1:5432&host=h2:5433 (servers on one port:"
         " postgresql://USER:PASSWORD@h1,h2:5432/DATABASE); an IPv6 server among several by its"
         " host name"
+    )
+
+
+def bare_query_problem(url: str) -> str | None:
+    """Why the query of `url` would lose a part, or None. SQLAlchemy drops a part with no `=`,
+    and an empty query: `sqlite:///new?x.db` was a store at `new`, `?sslmode` no sslmode. The
+    query begins at the first `?` after the user info (a password may hold one)."""
+    _, question, query = split_userinfo(url.partition("://")[2])[1].partition("?")
+    bare = [repr(p) for p in query.split("&") if p and "=" not in p] or ([] if query else [""])
+    if not question or not bare:
+        return None
+    return (
+        f"has {bare[0] or 'nothing'} after its ?, no NAME=VALUE parameter, which would be"
+        " dropped: give each parameter a value, and write a ? in a file name as %3F"
+        " (sqlite:///new%3Fx.db)"
     )
