@@ -693,7 +693,10 @@ def test_a_bad_shutdown_grace_is_the_same_clear_usage_error_for_every_command(va
      ("host:99999", "the port in 'host:99999' must be a number from 1 to 65535"),
      # The source node's server, not a coordinator, is the one to put TLS in front of.
      ("https://node:1789", ("'https://node:1789': only http:// is spoken here (no TLS); put a"
-      " TLS-terminating proxy in front of the server at that address if the network needs one"))],
+      " TLS-terminating proxy in front of the server at that address if the network needs one")),
+     # Said as "cannot connect" (exit 1), and read as [::1]:1.
+     ("a b:1", "'a b' is not a host name (it holds ' ')"),
+     ("[::1:1", "'[::1:1': an IPv6 address is written in [ and ], as [::1]:1789")],
 )  # fmt: skip
 def test_a_bad_proxy_address_is_a_usage_error_naming_the_option_and_the_forms(
     args, value, wrong, capsys, tmp_path, monkeypatch

@@ -81,6 +81,13 @@ def test_an_endpoint_writes_its_url_and_host_header():
         ("a..b:1789", "not a host name"),
         # IDNA 2008, as trio encodes a name to look it up (a traceback from the worker before).
         ("a\u0660b.example:1789", "not a host name .*direction"),
+        # Looked up as it was, and said "cannot connect"; a bracket left open was read as closed.
+        ("a b:1789", r"'a b' is not a host name \(it holds ' '\)"),
+        ("a\tb:1789", r"not a host name \(it holds '\\t'\)"),
+        ("http://a b:1789", "not a host name"),
+        ("/dns/a b/tcp/1789", "not a host name"),
+        ("[::1:1789", r"an IPv6 address is written in \[ and \], as \[::1\]:1789"),
+        ("::1]:1789", r"an IPv6 address is written in \[ and \]"),
         # Dropped silently before, and the calls were refused for want of the token.
         ("http://manager:1789/rpc/v0?token=SECRET", "query .*not sent.*Authorization: Bearer"),
         ("http://user:SECRET@manager:1789", "credentials .*not sent.*Authorization: Bearer"),

@@ -41,6 +41,12 @@ class Endpoint:
     path: str = DEFAULT_PATH
 
     def __post_init__(self) -> None:
+        # A space, a control character or a bracket is in no host name nor address: it was
+        # looked up and said "cannot connect".
+        if bad := next(
+            (c for c in self.host if c.isspace() or not c.isprintable() or c in "[]"), None
+        ):
+            raise ValueError(f"{self.host!r} is not a host name (it holds {bad!r})")
         # What the resolver would refuse later with a UnicodeError (an empty label, one over
         # 63 characters; a non-ASCII name IDNA 2008 refuses, as trio encodes it with the idna
         # package), refused here as the bad address it is.
@@ -150,6 +156,8 @@ def parse_endpoint(text: str, forms: str = FORMS) -> Endpoint:
     if "://" in text:
         return _url(text)
     host, sep, port = text.rpartition(":")
+    if host.startswith("[") != host.endswith("]"):  # `[::1:1` was read as [::1]:1
+        raise ValueError(f"{text!r}: an IPv6 address is written in [ and ], as [::1]:1789")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host:
         raise ValueError(f"{text!r} is not an RPC address; give {forms}")
