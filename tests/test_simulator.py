@@ -412,6 +412,9 @@ def test_a_day_without_window_post_shows_no_slack_rather_than_abandoned_partitio
     [
         (["--gpus", "0"], "--gpus must be at least 1"),
         (["--snark", "9m-3m"], "--snark: the low end 540s is above the high end 180s"),
+        # A negative duration was said to be "'' is not a duration".
+        (["--snark", "-1"], "--snark: '-1' is not LOW-HIGH (for example 3m-9m) or one duration"),
+        (["--vanilla", "3m-"], "--vanilla: '3m-' is not LOW-HIGH"),
         (["--vanilla", "soon"], "--vanilla: 'soon' is not a duration"),
         (["--policies", "a,z"], "--policies: unknown policy 'z'"),
         (["--offsets", "0,5m"], "--offsets gives 2 offsets but --miners is 4"),

@@ -136,7 +136,7 @@ def _range(text: str, option: str):
     parts = text.split("-")
     if len(parts) == 1:
         parts = parts * 2
-    if len(parts) != 2:
+    if len(parts) != 2 or not all(p.strip() for p in parts):  # `-1`: no "'' is not a duration"
         raise UsageError(f"{option}: {text!r} is not LOW-HIGH (for example 3m-9m) or one duration")
     low, high = (_seconds(p, option) for p in parts)
     if low > high:
