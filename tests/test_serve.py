@@ -281,6 +281,33 @@ async def test_broken_stdout_stops_taking_requests():
         await closed.wait()
 
 
+async def test_a_stdout_pipe_whose_reader_left_is_logged_saying_why(caplog):
+    # trio's BrokenResourceError has no text of its own: it was "stdout broke (): answer ...".
+    to_server, server_in = trio.testing.memory_stream_one_way_pair()
+    reader, writer = os.pipe()
+    out = trio.lowlevel.FdStream(writer)
+    closed = trio.Event()
+
+    async def submit(task):
+        return echo_output(task)
+
+    server = JsonLineServer(
+        "window_post", submit, receive_stream=server_in, send_stream=out,
+        on_input_closed=closed.set,
+    )  # fmt: skip
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.run)
+            await trio.testing.wait_all_tasks_blocked()
+            assert os.read(reader, 1 << 16) == jsonl.ready_line("window_post")
+            os.close(reader)  # the reader is gone
+            await to_server.send_all(jsonl.encode_request(1, make_task(1)))
+            await closed.wait()
+    finally:
+        await out.aclose()
+    assert "stdout broke (Broken pipe): answer to request 1 dropped, stopping" in caplog.text
+
+
 async def test_a_stdout_that_breaks_before_the_ready_line_is_logged_saying_why(caplog):
     _, server_in = trio.testing.memory_stream_one_way_pair()
 

@@ -147,11 +147,7 @@ class JsonLineServer:
                 await self._send_stream.send_all(jsonl.ready_line(self.stage))
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 self._output_broken = True
-                why = exc.__cause__ or exc  # (trio's error says nothing; the OSError does)
-                log.error(
-                    "stdout broke (%s) before the ready line, stopping",
-                    getattr(why, "strerror", None) or str(why) or type(why).__name__,
-                )
+                log.error("stdout broke (%s) before the ready line, stopping", _why(exc))
                 self.stop_reading()
 
     async def run(self) -> None:
@@ -379,7 +375,8 @@ class JsonLineServer:
             elif not self._output_broken:
                 # The manager is gone: nobody can read answers any more, so stop taking work.
                 self._output_broken = True
-                log.error("stdout broke (%s): answer to request %s dropped, stopping", error, id)
+                why = _why(error)
+                log.error("stdout broke (%s): answer to request %s dropped, stopping", why, id)
                 self.stop_reading()
             else:
                 log.error("request %s: stdout is closed, answer dropped", id)
@@ -637,3 +634,10 @@ async def serve_draining(
         await server.run()  # writes the ready line first
         nursery.cancel_scope.cancel()
     return server
+
+
+def _why(exc: BaseException) -> str:
+    """What broke a write to stdout: trio's BrokenResourceError says nothing itself; the OSError
+    it comes from does (its strerror), else its type is named."""
+    why = exc.__cause__ or exc
+    return getattr(why, "strerror", None) or str(why) or type(why).__name__
