@@ -119,6 +119,18 @@ def test_a_request_saved_on_a_full_disk_leaves_no_stub_and_keeps_the_one_saved_b
         assert said in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_save_request_of_a_dash_is_refused_not_written_to_a_file_named_dash(
+    fixtures, tmp_path, monkeypatch
+):
+    # `-o -` is stdout and `--request -` stdin; `--save-request -` wrote a file named -.
+    monkeypatch.chdir(tmp_path)
+    proc = dext("prove", "window_post", "--manifest", fixtures / "s" / "manifest.json",
+                "--seed", SEED, "--save-request", "-", "-c", fixtures / "c.cfg",
+                "-o", tmp_path / "out.json", check=2)  # fmt: skip
+    assert "--save-request -: give a file name" in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

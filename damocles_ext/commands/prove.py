@@ -199,6 +199,8 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
                             ("--attached", args.jobs is None and args.attached)):  # fmt: skip
             if value:
                 raise UsageError(f"{flag} goes with --comm-r FILE and --sectors MINER:NUMBER,…")
+    if args.save_request == "-":  # was a file named -, where `-o -` is stdout
+        raise UsageError("--save-request -: give a file name (the request is written to a file)")
     # Before the task is built (a provider asked, --save-request written): paths only.
     output_path = _check_output_path(args.output) if args.output not in (None, "-") else None
     if output_path is not None:
@@ -378,8 +380,7 @@ def write_file(path: Path, data: bytes) -> None:
             out.write(data)
         return
     try:
-        # Another process's open file (/proc/<pid>/fd/N): written through, never renamed
-        # over.
+        # Another process's open file (/proc/<pid>/fd/N): written through, not renamed over.
         special = open_file is not None or not stat.S_ISREG(path.stat().st_mode)
     except FileNotFoundError:
         special = False
