@@ -7,6 +7,7 @@ built-in child runtime. Waits are on events or bounded polling of process state,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import shlex
 import signal
 import time
 from collections import deque
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -510,15 +512,9 @@ async def test_a_stderr_flood_is_relogged_in_pieces_and_capped_while_requests_ar
     """
     me = psutil.Process()
     rss_before = me.memory_info().rss
-    # Count, do not keep: the test must not be what holds the memory (nor pytest's log capture).
-    seen = _Count()
-    child_logger = logging.getLogger("damocles_ext.child")
-    saved = child_logger.level, child_logger.propagate
-    child_logger.addHandler(seen)
-    child_logger.setLevel(logging.INFO)
-    child_logger.propagate = False
+
     started = time.monotonic()
-    try:
+    with counting_child_lines() as seen:
         async with open_supervisor_fast([spec(dext_child(setup=setup))]) as sup:
             await sup.wait_ready()
             for i in range(50):
@@ -526,10 +522,6 @@ async def test_a_stderr_flood_is_relogged_in_pieces_and_capped_while_requests_ar
             await wait_until(marker.exists, 20, "the end of the flood")
             rss_after = me.memory_info().rss
         elapsed = time.monotonic() - started
-    finally:
-        child_logger.removeHandler(seen)
-        child_logger.setLevel(saved[0])
-        child_logger.propagate = saved[1]
     # A burst is logged whole, then at most the rate; what is dropped is said, with its count.
     cap = stderr_relay.STDERR_BURST + stderr_relay.STDERR_LINES_PER_SECOND * elapsed + 1
     assert seen.x_lines + seen.y_pieces <= cap
@@ -576,14 +568,8 @@ async def test_the_stderr_cap_holds_across_the_restarts_of_a_child_that_floods_a
     os.write(2, (b"x" * 99 + b"\\n") * {flood})
     os._exit(1)
     """
-    seen = _Count()
-    child_logger = logging.getLogger("damocles_ext.child")
-    saved = child_logger.level, child_logger.propagate
-    child_logger.addHandler(seen)
-    child_logger.setLevel(logging.INFO)
-    child_logger.propagate = False
     started = trio.current_time()
-    try:
+    with counting_child_lines() as seen:
         async with open_supervisor_fast([spec(dext_child(handle))]) as sup:
             await sup.wait_ready()
             for i in range(5):
@@ -591,10 +577,6 @@ async def test_the_stderr_cap_holds_across_the_restarts_of_a_child_that_floods_a
             # Four processes' floods read whole (each wrote them before it died).
             await wait_until(lambda: seen.x_lines + seen.dropped >= 4 * flood, 20, "the floods")
         elapsed = trio.current_time() - started
-    finally:
-        child_logger.removeHandler(seen)
-        child_logger.setLevel(saved[0])
-        child_logger.propagate = saved[1]
     cap = stderr_relay.STDERR_BURST + stderr_relay.STDERR_LINES_PER_SECOND * elapsed + 1
     assert seen.x_lines <= cap, (seen.x_lines, cap, elapsed)
     assert seen.dropped > 0 and seen.warnings <= elapsed + 6  # said at most once a second
@@ -741,3 +723,21 @@ async def test_a_dead_childs_request_is_retried_at_once_though_a_daemonized_gran
     # The answers of a dead child are in its pipe already; EOF, which the grandchild holds
     # back, is not waited for (it used to cost the full 5 s reap timeout).
     assert took < 2.0
+
+
+@contextlib.contextmanager
+def counting_child_lines() -> Iterator[_Count]:
+    """The child logger's lines counted (not kept: a flood must not be held by the test, nor by
+    pytest's log capture) while in the block."""
+    seen = _Count()
+    child_logger = logging.getLogger("damocles_ext.child")
+    saved = child_logger.level, child_logger.propagate
+    child_logger.addHandler(seen)
+    child_logger.setLevel(logging.INFO)
+    child_logger.propagate = False
+    try:
+        yield seen
+    finally:
+        child_logger.removeHandler(seen)
+        child_logger.setLevel(saved[0])
+        child_logger.propagate = saved[1]
