@@ -91,7 +91,7 @@ class _Job:
         request). A sloppy call must not fail a proof, nor stop the heartbeat that re-sends it:
         a phase a frame cannot carry is made one it can, counts it cannot are left out."""
         if type(phase) is not str or not phase.isascii():
-            phase = _utf8(text_of(phase))
+            phase = utf8(text_of(phase))
         phase = dext.short_phase(phase)
         try:
             counts = (int(done), int(total))
@@ -106,7 +106,7 @@ class _Job:
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
 
 
-def _utf8(text: str) -> str:
+def utf8(text: str) -> str:
     """`text` as a frame can carry it: lone surrogates (a file name os.fsdecode could not
     decode, say) written as escapes, e.g. \\udcff."""
     try:
@@ -217,7 +217,7 @@ class ChildRuntime:
 
     def _respond(self, job: _Job, output: Output | None = None, error: str | None = None) -> None:
         if error is not None:
-            error = _utf8(error)
+            error = utf8(error)
             if len(error) > MAX_ERROR_CHARS:
                 cut = len(error) - MAX_ERROR_CHARS
                 error = f"{error[:MAX_ERROR_CHARS]}... ({cut} characters cut)"
@@ -566,8 +566,8 @@ def main(
 ) -> int:
     """Load the prover (PluginError -> exit 2 before the ready message), then serve."""
     from .child_process import (
-        _exit_past_lingering_threads,
-        _loading_interrupt,
+        exit_past_lingering_threads,
+        loading_interrupt,
         protect_stdio,
         prover_version,
     )
@@ -598,7 +598,7 @@ def main(
     except KeyboardInterrupt as exc:
         if _interrupted():
             raise  # a SIGINT while the prover loads: the child stops, as ever
-        raise _loading_interrupt(pm, plugin, exc) from None
+        raise loading_interrupt(pm, plugin, exc) from None
     from .child_inline import InlineRuntime
 
     runtime = (InlineRuntime if capacity == 1 else ChildRuntime)(
@@ -613,5 +613,5 @@ def main(
         heartbeat=heartbeat,
     )
     code = runtime.run()
-    _exit_past_lingering_threads(pm, plugin, code)
+    exit_past_lingering_threads(pm, plugin, code)
     return code

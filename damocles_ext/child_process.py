@@ -10,7 +10,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from .child import _utf8
+from .child import utf8
 from .errors import describe
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def prover_version(pm: DextPluginManager, prover: Prover, prover_name: str) -> s
     try:  # a prover's attribute (a property may read a file): informative only, never fatal
         version = getattr(prover, "version", None)
         if version:  # (a string from a file name may hold lone surrogates: escaped)
-            return _utf8(str(version))
+            return utf8(str(version))
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - reported; the plugin's version is told
@@ -60,7 +60,7 @@ def prover_version(pm: DextPluginManager, prover: Prover, prover_name: str) -> s
     return __version__
 
 
-def _loading_interrupt(pm: DextPluginManager | None, prover: str, exc: BaseException) -> Exception:
+def loading_interrupt(pm: DextPluginManager | None, prover: str, exc: BaseException) -> Exception:
     """The PluginError for a KeyboardInterrupt a plugin raised itself (no SIGINT came) while the
     child loaded its prover: a failed start naming the plugin, as for any other exception."""
     from .plugins import PluginError, prover_plugin
@@ -86,7 +86,7 @@ def _loading_interrupt(pm: DextPluginManager | None, prover: str, exc: BaseExcep
 EXECUTORS_EXIT = 1.0
 
 
-def _exit_past_lingering_threads(pm: DextPluginManager, prover: str, code: int) -> None:
+def exit_past_lingering_threads(pm: DextPluginManager, prover: str, code: int) -> None:
     """Exit now, saying whose they are, if threads that are not daemons outlive the runtime (a
     prover's, or its library's): Python would join them at exit and hold the child until the
     supervisor's SIGTERM, which could only say that the child was still running."""

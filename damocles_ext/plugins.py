@@ -210,18 +210,19 @@ def load_entry_points(pm: DextPluginManager, group: str = ENTRY_POINT_GROUP) -> 
     count = 0
     owners: dict[str, str] = {}  # entry point name -> the distribution that had it first
     for ep, dist in _entry_points(pm, group):
-        failed = {e.name for e in pm.load_errors}
-        origin = f"{dist.metadata['Name']} {dist.version}, entry point {ep.value!r}"
-        owner = owners.setdefault(ep.name, dist.metadata["Name"] or "?")
-        if owner != (dist.metadata["Name"] or "?") and not pm.is_blocked(ep.name):
+        name = dist.metadata["Name"] or "?"  # (each read of metadata parses the file again)
+        owner = owners.setdefault(ep.name, name)
+        if owner != name and not pm.is_blocked(ep.name):
             # Not a shadowed copy: it was dropped unsaid (which one loads follows sys.path).
             error = (
                 f"not loaded: distribution {owner!r} has a plugin of that name (the one tried);"
                 " two distributions' plugins cannot share a name: rename one's entry point"
             )
             said = "was"
-        elif pm.has_plugin(ep.name) or pm.is_blocked(ep.name) or ep.name in failed:
-            continue  # (a shadowed copy, or one of a plugin that already failed)
+        elif pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+            continue  # (a shadowed copy)
+        elif any(e.name == ep.name for e in pm.load_errors):
+            continue  # (a copy of a plugin that already failed)
         else:
             try:
                 plugin = ep.load()
@@ -234,6 +235,7 @@ def load_entry_points(pm: DextPluginManager, group: str = ENTRY_POINT_GROUP) -> 
                                    version=dist.version):  # fmt: skip
                     count += 1
                 continue
+        origin = f"{name} {dist.version}, entry point {ep.value!r}"
         log.warning("plugin %r (%s) %s %s", ep.name, origin, said, error)
         pm.load_errors.append(PluginLoadError(ep.name, origin, error))
     return count

@@ -69,6 +69,9 @@ async def test_a_supervisor_with_no_run_going_says_so_instead_of_hanging(autojum
             await sup.wait_ready()
         with pytest.raises(UsageError, match=r"Supervisor\.wait_changed\(\) was called while"):
             await sup.wait_changed()
+        # Its callback form, synchronous, cannot wait for a run() about to begin: refused.
+        with pytest.raises(UsageError, match=r"Supervisor\.start_nowait\(\) was called while"):
+            sup.start_nowait(window_task(), on_done=lambda output, error: None)
     assert sup.statistics().requests == 0
 
 

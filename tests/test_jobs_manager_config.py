@@ -175,7 +175,8 @@ def test_go_durations_read_as_go_reads_them(text, seconds):
      ("1.004s", 1_004_000_000), ("100.00100s", 100_001_000_000), ("0.1ns", 0),
      ("9007199254.740993ms", 2**53 + 1),  # past a float64's exact integers: counted exactly
      # 19 digits of fraction kept, the rest ignored, scaled through a float64, as Go does:
-     ("0.830103483285477580700h", (49 * 60 + 48) * 10**9 + 372_539_827)],
+     ("0.830103483285477580700h", (49 * 60 + 48) * 10**9 + 372_539_827),
+     ("0" * 5000 + "1s", 10**9)],  # (leading zeros past Python's limit of digits to read)
 )  # fmt: skip
 def test_go_durations_count_exact_nanoseconds_up_to_an_int64_as_go_does(text, nanos):
     # Go's own test cases (time.ParseDuration): before, summed in float seconds, one nanosecond

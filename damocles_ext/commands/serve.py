@@ -193,7 +193,9 @@ def default_deadline(stage: str) -> float:
     `prove` gives its own request (in-process, or a job) when --deadline is not given."""
     import time
 
-    return time.time() + DEFAULT_DEADLINE_AFTER[stage]
+    from damocles_ext.stages import post_stage  # (as serve_jsonl.with_default_deadline reads it)
+
+    return time.time() + DEFAULT_DEADLINE_AFTER[post_stage(stage)]
 
 
 #: Options of a serve that supervises its own children, and their defaults.

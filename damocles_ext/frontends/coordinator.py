@@ -315,8 +315,8 @@ class Coordinator:
             await trio.sleep(every)
 
     async def _check_skew(self) -> None:
-        """Warn when this machine's clock is CLOCK_SKEW or more away from the PostgreSQL
-        server's (check_clock)."""
+        """Warn when this machine's clock is trio_store.CLOCK_SKEW or more away from the
+        PostgreSQL server's (check_clock)."""
         self.clock_skew = await check_clock(
             self.store, self.store.clock, self.clock_skew, log,
             "coordinators on one store stamp heartbeats with their own clocks, so one ahead of"
@@ -595,7 +595,6 @@ class _Connection(HttpConnection):
                          what="coordinator", stopping=lambda: server.stopping)  # fmt: skip
         self._server = server
         self._refused: rpc.RpcError | None = None  # the request being read lacks the token
-        self._peer = peer_address(stream)
         self._why: str | None = None  # what is wrong with its token, said in our log
         self.buffered = 0  # bytes of the request body kept, as the server accounts them
         self.reading_body = False  # the body is being read (not answered yet)
@@ -640,14 +639,14 @@ class _Connection(HttpConnection):
             return None
         given = next((v for k, v in request.headers if k == b"authorization"), None)
         self._why = rpc.bearer_problem(given, token)  # (for our log: the client is told more)
-        return rpc.check_bearer(given, token)
+        return rpc.bearer_refusal(self._why)
 
     def _unauthorized(self, error: rpc.RpcError) -> Refuse:
         # Said (never the token): the client is told, but its operator may not read its log.
         self._server.token_refusals(
             "refused a request from %s: it carries %s; give the client the token of this"
             " coordinator's --token-file (or serve it from a coordinator without one)",
-            self._peer,
+            peer_address(self._stream),
             self._why,
         )
         return _unauthorized(error)

@@ -115,7 +115,7 @@ class Worker:
         self.held: dict[str, HeldJob] = {}
         self.counters = WorkerCounters()
         self.stopping, self._stop, self._changed = False, trio.Event(), trio.Event()
-        self._back = trio.Event()  # set (and made anew) when the manager comes back: _came_back
+        self._comebacks = 0  # times the manager came back from an outage (_came_back)
         self._outage, self._beats_failing = Outage(), heartbeats_outage()
         self._refusals = allocations_outage()  # allocations refused: the manager's store down
         self._look_limiters: dict[str, trio.CapacityLimiter] = {}  # one per store directory
@@ -413,9 +413,11 @@ class Worker:
         """Wait `seconds` before calling the manager again, less when it comes back meanwhile
         from an outage in which a call could not connect (it was down, not slow): the call goes
         at once, not up to the backoff's cap later. `until_stopped`: a stop ends the wait too."""
-        back = self._back
+        back = self._comebacks
         with trio.move_on_after(seconds):
-            await self.wait_for(lambda: back.is_set() or (until_stopped and self.stopping))
+            await self.wait_for(
+                lambda: self._comebacks != back or (until_stopped and self.stopping)
+            )
 
     def _take(self, job: PulledJob, problem: str | None) -> HeldJob | None:
         """Hold `job` (failing it if `problem`: its input cannot be read) if it is a new one:
@@ -585,8 +587,7 @@ class Worker:
     def _came_back(self) -> None:
         """The manager answers again after an outage in which it could not be reached: the
         calls waiting out their backoff (`retry_wait`) go now."""
-        self._back.set()
-        self._back = trio.Event()
+        self._comebacks += 1
         self.touch()
 
     # -- shutdown -----------------------------------------------------------------------------

@@ -159,7 +159,9 @@ def _go_nanos(number: str, unit: int) -> int:
         if digits > _GO_MAX_NANOS // 10 or digits * 10 + int(digit) > 2**63:
             break  # Go skips every later digit once one overflows
         digits, scale = digits * 10 + int(digit), scale * 10
-    return int(whole or "0") * unit + (int(float(digits) * (unit / scale)) if digits else 0)
+    return int(whole.lstrip("0") or "0") * unit + (
+        int(float(digits) * (unit / scale)) if digits else 0
+    )
 
 
 # --- the file -----------------------------------------------------------------------------------

@@ -336,12 +336,10 @@ TOKEN_HOWTO: Final = (
 )
 
 
-def check_bearer(authorization: bytes | None, token: bytes) -> RpcError | None:
-    """Why a request with this `Authorization` header value may not be served, or None.
+def bearer_refusal(problem: str | None) -> RpcError | None:
+    """The error a request is refused with for `bearer_problem`'s `problem` (None: served).
 
-    The token is compared in constant time, and never put in a message: an error body goes to
-    whoever asked."""
-    problem = bearer_problem(authorization, token)
+    The token is never put in a message: an error body goes to whoever asked."""
     if problem == NO_TOKEN:
         return RpcError(UNAUTHORIZED, f"this coordinator requires a bearer token: {TOKEN_HOWTO}")
     if problem == NOT_BEARER:
@@ -365,7 +363,8 @@ WRONG_TOKEN: Final = "a bearer token that is not the one of the coordinator's --
 
 
 def bearer_problem(authorization: bytes | None, token: bytes) -> str | None:
-    """NO_TOKEN, NOT_BEARER or WRONG_TOKEN for this `Authorization` header value; None: right."""
+    """NO_TOKEN, NOT_BEARER or WRONG_TOKEN for this `Authorization` header value; None: right.
+    The token is compared in constant time."""
     if authorization is None:
         return NO_TOKEN
     scheme, _, given = authorization.strip().partition(b" ")

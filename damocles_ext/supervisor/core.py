@@ -76,7 +76,7 @@ from .effect_log import log_note, log_retry
 from .host import SupervisorHost
 from .observers import Observers, request_info
 from .orphans import GroupGuardian
-from .readiness import check_wait_arguments, enough_ready, run_begun
+from .readiness import check_wait_arguments, enough_ready, no_run, run_begun
 from .reaper import Reaper
 from .request import Batch, Started, Waiter, WallClock
 from .restart import BackoffPolicy, RestartTracker
@@ -305,9 +305,7 @@ class Supervisor:
         """Submit `task` and wait for its answer: its waiter, answered (split.py reads which
         child answered; `avoid`: children not to send it to while another can serve;
         `judged_later`: a vanilla step, see TrackedRequest; `encoded`: task_check's bytes)."""
-        check_trio_run("Supervisor.submit()", None if self._finished else self._token)
-        if self._token is None:
-            await run_begun(self, "Supervisor.submit()")
+        await run_begun(self, "Supervisor.submit()")
         # A caller already cancelled gets Cancelled before anything reaches a child (trio's rule).
         await trio.lowlevel.checkpoint_if_cancelled()
         waiter = self._begin(
@@ -339,6 +337,8 @@ class Supervisor:
         if self._split_window_post and isinstance(task, WindowPoSt):
             return None
         check_trio_run("Supervisor.start_nowait()", None if self._finished else self._token)
+        if self._token is None and not self._finished:  # (synchronous: it cannot wait for one)
+            raise no_run("Supervisor.start_nowait()")
         if (problem := replicas_refusal(task)) is not None:
             rid = next(self._rids)
             raise numbered(UsageError(f"request {rid} {problem}"), rid)
@@ -415,9 +415,9 @@ class Supervisor:
         await self._wait_changed("Supervisor.wait_changed()")
 
     async def _wait_changed(self, what: str = "Supervisor.wait_ready()") -> None:
-        check_trio_run(what, None if self._finished else self._token)
         if self._token is None:
             return await run_begun(self, what)  # (then the caller looks again)
+        check_trio_run(what, None if self._finished else self._token)
         self._changed_waiting += 1
         try:
             await self._state_changed.wait()

@@ -19,17 +19,27 @@ if TYPE_CHECKING:
 
 
 async def run_begun(sup: Supervisor, what: str) -> None:
-    """`what` was called before `sup.run()` began: wait RUN_WAIT for one started just before,
-    else a UsageError (no one would serve the call: it waited for ever, its deadline unheeded)."""
+    """UsageError unless `what` is called in the trio run of `sup.run()`; before that run()
+    began, wait RUN_WAIT for one started just before (nursery.start_soon begins it at the next
+    checkpoint), else a UsageError (no one would serve the call: it waited for ever, its
+    deadline unheeded)."""
+    check_trio_run(what, None if sup._finished else sup._token)
+    if sup._token is not None:
+        return
     with trio.move_on_after(sup.RUN_WAIT):
         await sup._run_began.wait()
     if sup._token is None:
-        raise UsageError(
-            f"{what} was called while no run() of this Supervisor is going, which starts the"
-            " children and answers the requests: use `async with open_supervisor(...)`, or"
-            " `await nursery.start(sup.run)` before calling it"
-        )
+        raise no_run(what)
     check_trio_run(what, sup._token)
+
+
+def no_run(what: str) -> UsageError:
+    """The refusal of `what`, called while no run() of its Supervisor is going."""
+    return UsageError(
+        f"{what} was called while no run() of this Supervisor is going, which starts the"
+        " children and answers the requests: use `async with open_supervisor(...)`, or"
+        " `await nursery.start(sup.run)` before calling it"
+    )
 
 
 def check_wait_arguments(stage: object, count: object) -> None:
