@@ -18,6 +18,16 @@ if TYPE_CHECKING:
     from .core import Supervisor
 
 
+def run_going(sup: Supervisor, what: str) -> bool:
+    """True when `what` is called in the trio run of `sup.run()`, which goes on (checked here,
+    with no coroutine: per request); False when `run_begun` is to be awaited: run() has not
+    begun (it waits for one starting) or is over (it checks the caller is in a trio run)."""
+    if sup._token is None or sup._finished:
+        return False
+    check_trio_run(what, sup._token)
+    return True
+
+
 async def run_begun(sup: Supervisor, what: str) -> None:
     """UsageError unless `what` is called in the trio run of `sup.run()`; before that run()
     began, wait RUN_WAIT for one started just before (nursery.start_soon begins it at the next
