@@ -8,10 +8,13 @@ before sending, and by the supervisor without killing the child that would choke
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
+import pty
 import random
 import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -143,6 +146,24 @@ def test_replica_paths_that_do_not_exist_are_faults_not_crashes(tmp_path):
     output = jsonl.output_from_json(result.stdout, "window_post")
     assert sorted(output.faults) == [r["sector_id"] for r in doc["replicas"]]
     assert b"3 faulty sectors" in result.stderr
+
+
+def test_a_task_typed_at_the_terminal_is_read_with_a_word_on_how_to_end_it(monkeypatch, capsys):
+    master, slave = pty.openpty()
+    os.write(master, jsonl.task_to_json(make_task(1)) + b"\n\x04")  # a line, then Ctrl-D
+    try:
+        with open(slave, "rb", buffering=0) as raw:
+            monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(raw)))
+            assert isinstance(read_task("-", "window_post"), WindowPoSt)
+    finally:
+        os.close(master)
+    assert (
+        "reading the request file from the terminal: end it with Ctrl-D" in capsys.readouterr().err
+    )
+    piped = io.TextIOWrapper(io.BytesIO(jsonl.task_to_json(make_task(1))))
+    monkeypatch.setattr(sys, "stdin", piped)  # from a pipe or a file: nothing to say
+    assert isinstance(read_task("-", "window_post"), WindowPoSt)
+    assert capsys.readouterr().err == ""
 
 
 # -- tasks too large for one message -----------------------------------------------------------

@@ -502,6 +502,8 @@ def read_input_file(source: str, label: str, kind: str) -> bytes:
 
     try:
         if source == "-":
+            if sys.stdin.isatty():  # else it waits for the typing, and says nothing
+                print(f"reading the {label} from the terminal: end it with Ctrl-D", file=sys.stderr)
             data = sys.stdin.buffer.read(MAX_INPUT_BYTES + 1)
         else:
             # Bounded: /dev/zero, or a sealed sector given by mistake, must not fill the memory.
