@@ -149,21 +149,30 @@ while True:
     for msg in dec.receive_data(data):
         if isinstance(msg, dext.Request):
 {handle}
+        elif isinstance(msg, dext.Cancel):
+{cancel}
         elif isinstance(msg, dext.Shutdown):
             sys.exit(0)
 """
 
 
 def dext_child(
-    handle: str = "answer(msg)", setup: str = "", stage: str = "window_post"
+    handle: str = "answer(msg)", setup: str = "", stage: str = "window_post", cancel: str = "pass"
 ) -> list[str]:
-    """argv of a fake dext/1 child; `handle` is code run per Request (`msg`)."""
-    return _fake_child(DEXT_CHILD, handle, setup, stage, indent=12)
+    """argv of a fake dext/1 child; `handle` is code run per Request (`msg`), `cancel` per
+    Cancel (`msg`)."""
+    return _fake_child(DEXT_CHILD, handle, setup, stage, indent=12, cancel=cancel)
 
 
-def _fake_child(template: str, handle: str, setup: str, stage: str, indent: int) -> list[str]:
-    body = textwrap.indent(textwrap.dedent(handle), " " * indent)
-    code = template.format(stage=stage, setup=textwrap.dedent(setup), handle=body)
+def _fake_child(
+    template: str, handle: str, setup: str, stage: str, indent: int, cancel: str = ""
+) -> list[str]:
+    def block(code: str) -> str:
+        return textwrap.indent(textwrap.dedent(code), " " * indent)
+
+    code = template.format(
+        stage=stage, setup=textwrap.dedent(setup), handle=block(handle), cancel=block(cancel)
+    )
     return [PY, "-u", "-c", code]
 
 
