@@ -1211,8 +1211,8 @@ def logging_child(seen) -> list[str]:
     Cancel to `seen`; miner 1's request runs until it is cancelled (it reports progress first),
     the others are answered at once."""
     return dext_child(
-        f"""
-        log.write(f"request {{msg.task.miner_id}}\\n")
+        """
+        log.write(f"request {msg.task.miner_id}\\n")
         if msg.task.miner_id == 1:
             send(dext.Progress(msg.id, "working", 0, 1))
         else:
