@@ -191,6 +191,26 @@ def test_a_bad_worker_option_exits_2_saying_what_is_wrong(tmp_path, args, words)
     assert result.returncode == 2 and words in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize(
+    ("flag", "given", "words"),
+    [
+        ("--header", "Authorization Bearer s3cr3t", "got 'Authorization' and more, not shown"),
+        ("--header", "Authorization: Bearer s3cr3t\x7f", "(in the value of Authorization, not"),
+        ("--header", "Authorization: Bearer s3cr3t\x01", "no control characters (in the value"),
+        ("--proxy-header", "Authorization=Bearer s3cr3t", "got 'Authorization' and more, not"),
+    ],
+)
+def test_a_bad_header_is_refused_without_showing_its_value(tmp_path, flag, given, words):
+    # Its value may be a token, and a unit's stderr goes to the journal.
+    cfg = tmp_path / "ext-prover.cfg"
+    cfg.write_text(plugin_block("WdPost", "echo"))
+    args = ["--proxy", "127.0.0.1:1"] if flag == "--proxy-header" else []
+    result = dext_run("worker", flag, given, *args, "--manager", "127.0.0.1:1", "-c", str(cfg))
+    err = result.stderr.decode()
+    assert result.returncode == 2 and words in err, err
+    assert "s3cr3t" not in err and "Traceback" not in err
+
+
 def test_a_manager_address_that_is_no_url_exits_2_naming_the_option_and_the_address(tmp_path):
     # urlsplit's own error was all that was said: "error: Invalid IPv6 URL".
     cfg = tmp_path / "ext-prover.cfg"

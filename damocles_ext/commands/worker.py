@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 from damocles_ext.logs import add_logging_args, setup_from_args
@@ -188,14 +189,18 @@ def _header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition(":")
     name, value = name.strip(), value.strip()
     if not sep or not HEADER_NAME.fullmatch(name):
+        # Its first word only: the rest may be a token ('Authorization Bearer TOKEN'), which
+        # would go to the journal.
+        first = re.split(r"[\s:=]", text.strip(), maxsplit=1)[0]
+        shown = f"{first!r}" + (" and more, not shown" if first != text.strip() else "")
         raise argparse.ArgumentTypeError(
             f"expected 'NAME: VALUE' (an HTTP header, e.g. 'X-Site: lab-3'; its name ASCII"
-            f" letters, digits and -), got {text!r}"
+            f" letters, digits and -), got {shown}"
         )
     if (problem := header_name_problem(name)) is not None:
-        raise argparse.ArgumentTypeError(f"{problem}: {text!r}")
+        raise argparse.ArgumentTypeError(problem)
     if (problem := header_value_problem(value)) is not None:
-        raise argparse.ArgumentTypeError(f"{problem}: {text!r}")
+        raise argparse.ArgumentTypeError(f"{problem} (in the value of {name}, not shown)")
     return name, value
 
 
