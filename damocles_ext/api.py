@@ -92,7 +92,8 @@ async def open_job_producer(
 
     `stores` (name -> path) and, with `conf_dir`, the [[Common.PersistStores]] of
     damocles-manager's sector-manager.cfg there map the task's paths to store names; that file's
-    [Common.Proving.WorkerProver] gives the limits. Raises UsageError for a bad URL or config
+    [Common.Proving.WorkerProver] gives the limits. Raises UsageError for a bad URL or config, or
+    a store that takes no writes or that another user could change (as `serve --jobs` does),
     and StoreError when the store cannot be reached (or no thread can be started to open it)."""
     # Else, from asyncio, trio's refusal of the thread read as this user's limit of tasks.
     check_trio_run("open_job_producer()")
@@ -107,7 +108,9 @@ async def open_job_producer(
         settings = await run_in_thread(
             functools.partial(producer_settings, conf_dir, given, poll_interval)
         )
-        store = await run_in_thread(functools.partial(JobStore.open, url, limits=settings.limits))
+        store = await run_in_thread(
+            functools.partial(JobStore.open, url, limits=settings.limits, writable=True)
+        )
     except NoThreadError as exc:  # at the limit of tasks: the store was not asked
         raise StoreUnavailable(f"job store {describe_url(url)}: {exc}") from None
     error: BaseException | None = None

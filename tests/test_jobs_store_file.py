@@ -14,7 +14,9 @@ import trio
 import trio.testing
 from test_jobs_rules import make_input
 
+from damocles_ext.api import open_job_producer
 from damocles_ext.jobs import rules
+from damocles_ext.jobs.database import StoreConfigError
 from damocles_ext.jobs.store import JobStore, StoreLost, StoreUnavailable, TrioJobStore
 
 T0 = 1_700_000_000.0
@@ -420,3 +422,67 @@ def test_the_metrics_of_a_store_whose_file_was_deleted_say_the_store_is_down(tmp
     assert "damocles_ext_jobs_store_up 0.0" in scraped and "damocles_ext_jobs{" not in scraped
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(f"its file {str(path)!r} was deleted" in w for w in warned), warned
+
+
+def another_users_place(tmp_path: Path) -> Path:
+    """A directory uid 65534 owns and anyone may write to (their /tmp/x, made before ours)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another user")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    theirs.chmod(0o777)
+    os.chown(theirs, 65534, 65534)
+    return theirs
+
+
+def test_a_coordinator_refuses_a_store_another_user_could_replace_with_exit_2(tmp_path):
+    # Before: it made the store there; the other user replaced the file with one of their own
+    # (jobs marked finished with the faults or proofs they chose), and the coordinator started
+    # again served it to damocles-manager.
+    from helpers.frontend import dext_run
+
+    path = another_users_place(tmp_path) / "jobs.db"
+    result = dext_run("coordinator", "--jobs", url_of(path), "--listen", "127.0.0.1:0")
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert (
+        f"the job store {url_of(path)} could be changed by another user: directory"
+        f" {path.parent} is owned by uid 65534, not by us or root" in err
+    ), err
+    assert "put it where only this user or root can change it" in err and "Traceback" not in err
+    assert not path.exists()
+
+
+def test_a_served_store_file_every_user_may_write_is_refused_and_an_operator_may_still_read_it(
+    tmp_path,
+):
+    path = tmp_path / "jobs.db"
+    with JobStore.open(url_of(path), writable=True) as store:
+        store.create(make_input(seed=1), T0)
+    path.chmod(0o666)
+    with pytest.raises(StoreConfigError) as refused:
+        JobStore.open(url_of(path), writable=True)  # the coordinator's, the producer's
+    assert f"the file {path} (mode 0666) may be written by every user" in str(refused.value)
+    assert "chmod o-w" in str(refused.value)
+    with JobStore.open(url_of(path), create=False, read_only=True) as store:  # wdpost list
+        assert len(store.list_jobs()) == 1
+
+    async def producer() -> None:
+        async with open_job_producer(url_of(path)):
+            pass
+
+    with pytest.raises(StoreConfigError, match=r"\(mode 0666\) may be written by every user"):
+        trio.run(producer)  # the API's producer, as serve's
+    path.chmod(0o644)
+    JobStore.open(url_of(path), writable=True).close()
+
+
+def test_a_served_store_in_a_sticky_shared_directory_is_taken_when_the_file_is_ours(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp: nobody else may rename our file away
+    JobStore.open(url_of(shared / "jobs.db"), writable=True).close()
+    if os.geteuid() == 0:
+        os.chown(shared / "jobs.db", 65534, 65534)  # theirs, in /tmp: they could replace it
+        with pytest.raises(StoreConfigError, match="owned by uid 65534, not by us or root"):
+            JobStore.open(url_of(shared / "jobs.db"), writable=True)

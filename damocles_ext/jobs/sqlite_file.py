@@ -17,7 +17,8 @@ requests at once, the coordinator command stops).
 
 A file on a network file system is refused at open (`FileWatch.on_network`; the file system is
 told by `mounts.network_file_system`): SQLite's locks and the shared memory of its write-ahead
-log do not hold there.
+log do not hold there. So is a file a service (the coordinator, the producer) would serve jobs
+from that another user could change (`FileWatch.untrusted`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
 
+from ..trusted_path import UntrustedPathError, describe_mode, resolve_trusted
 from .database import URL_HELP, StoreUnavailable, sqlite_file
 from .mounts import network_file_system
 
@@ -85,6 +87,35 @@ class FileWatch:
             " locks and write-ahead log do not hold: two processes (on two machines, or one) may"
             " both write and damage it; put the file on a local disk, or use PostgreSQL"
             f" ({URL_HELP})"
+        )
+
+    def refusal(self, served: bool) -> str | None:
+        """Why a store opened to write cannot be used where it is (`on_network`; `served`: by a
+        service, the coordinator or the producer: `untrusted` too), or None."""
+        return self.on_network() or (self.untrusted() if served else None)
+
+    def untrusted(self) -> str | None:
+        """Why the store cannot be served from where it is: another user could change it (a
+        directory on the way theirs, or open to others' writes, or the file writable by every
+        user), and so the jobs and proofs a coordinator hands out; or None. The rule of the
+        control socket's place and --dump-dir (trusted_path.resolve_trusted)."""
+        path = self.path.absolute()
+        exists = os.path.lexists(path)
+        try:
+            resolved = resolve_trusted(path if exists else path.parent)
+            mode = os.stat(resolved).st_mode if exists else 0
+        except UntrustedPathError as exc:
+            why = f"{exc}"
+        except OSError:
+            return None  # (what is missing or unreadable: the opening says)
+        else:
+            if not mode & 0o002:
+                return None
+            why = f"the file {resolved} (mode {describe_mode(mode)}) may be written by every user"
+        return (
+            f"the job store {self.where} could be changed by another user: {why}; put it where"
+            " only this user or root can change it (its directory theirs, mode 0700 or 0755),"
+            " the file not writable by others (chmod o-w)"
         )
 
     def log_held(self, engine: Engine, at_least: int) -> tuple[int, bool]:

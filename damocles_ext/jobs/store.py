@@ -148,8 +148,8 @@ class JobStore:
         `open_timeout`: how long the opening waits for a lock another process holds (SQLite's
         write lock, PostgreSQL's schema lock) before it fails, saying so, instead of the busy
         timeout (a start that must be quick: `serve`'s ready line). The store returned waits as
-        long as `kwargs` say. `writable`: check that it takes writes (a read-only file or
-        replica fails the opening, rather than every job later).
+        long as `kwargs` say. `writable` (a service's store): check that it takes writes (a
+        read-only file or replica fails the opening, not every job later), and who may change it.
 
         `read_only` (a command that only reads, implies `create=False`): the schema is never
         changed, so that a newer damocles-ext's command does not upgrade it under a running
@@ -162,7 +162,7 @@ class JobStore:
         store = cls(url, read_only=read_only, **opening)
         try:
             # (A copy read on a network file system is no danger: only a store written there.)
-            if store.file_watch and not read_only and (why := store.file_watch.on_network()):
+            if store.file_watch and not read_only and (why := store.file_watch.refusal(writable)):
                 raise StoreConfigError(why)
             if not create or read_only:
                 store.check_exists()
