@@ -12,7 +12,7 @@ import pytest
 import trio
 from helpers.damocles_source import METHOD, DamoclesSource
 from test_coordinator import Client, serving
-from test_jobs_rules import make_input
+from test_jobs_rules import T0, make_input
 
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
 from damocles_ext.frontends.sector_index import SectorIndex
@@ -286,3 +286,35 @@ def test_the_sectors_learned_share_one_copy_of_their_store_names_and_miner():
     (k1, v1), (k2, v2) = index.learned.items()
     assert (k1, v1) == (("normal", 12345, 1), ("store-a", "store-b")) and v2 == v1
     assert v1 is v2 and k1[1] is k2[1]
+
+
+async def test_past_its_limit_the_index_learned_at_start_keeps_the_newest_jobs_sectors(
+    sqlite_store, monkeypatch
+):
+    # list_jobs gives the newest first: learned in that order, the trim past MAX_LEARNED took
+    # the current jobs' sectors away and kept day-old ones (a proxy node's "not found").
+    from damocles_ext.frontends import sector_index
+
+    monkeypatch.setattr(sector_index, "MAX_LEARNED", 3)
+    old, new = make_input(miner=MINER, sectors=3, seed=1), make_input(miner=MINER + 1, sectors=3)
+    sqlite_store.create(old, T0 - 86400)
+    sqlite_store.create(new, T0)
+    coordinator = Coordinator(TrioJobStore(sqlite_store))
+    await coordinator.learn_sectors()
+    assert sorted(coordinator.sector_index.learned) == [
+        ("normal", MINER + 1, 0), ("normal", MINER + 1, 2), ("upgrade", MINER + 1, 1),
+    ]  # fmt: skip
+
+
+def test_past_its_limit_the_index_forgets_the_oldest_learned_and_keeps_the_order(monkeypatch):
+    from damocles_ext.frontends import sector_index
+
+    monkeypatch.setattr(sector_index, "MAX_LEARNED", 4)
+    index = SectorIndex()
+    for miner in range(MINER, MINER + 5):  # 3 sectors each: 15 learned, 11 forgotten
+        index.learn([make_input(miner=miner, sectors=3)])
+    index.learn([make_input(miner=MINER + 3, sectors=1)])  # learned again: the newest now
+    assert list(index.learned) == [
+        ("normal", MINER + 4, 0), ("upgrade", MINER + 4, 1), ("normal", MINER + 4, 2),
+        ("normal", MINER + 3, 0),
+    ]  # fmt: skip

@@ -245,7 +245,8 @@ class Coordinator:
     async def learn_sectors(self) -> None:
         """Learn the sector locations of the jobs already in the store (at start)."""
         jobs = await self.store.list_jobs()
-        self.sector_index.learn(job.Input for job in jobs)
+        # Oldest first (list_jobs gives the newest first): past MAX_LEARNED the newest stay.
+        self.sector_index.learn(job.Input for job in reversed(jobs))
 
     async def _WorkerPing(self, info: Any) -> None:
         log.debug("worker ping: %.200r", info)
