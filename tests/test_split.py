@@ -313,16 +313,18 @@ async def test_vanilla_proofs_no_snark_child_takes_run_again_at_most_maxattempts
     assert done == {f"{VAN}#0": 1, f"{VAN}#1": 1, f"{SNARK}#0": 0, f"{SNARK}#1": 0}
 
 
-async def test_the_rounds_stop_at_maxattempts_when_the_vanilla_step_lands_on_the_same_child():
+async def test_the_rounds_stop_at_maxattempts_when_the_vanilla_step_lands_on_the_same_child(
+    monkeypatch,
+):
     # The scheduler's avoid is soft (an avoided child serves while no other can): a round may
     # be made by the same vanilla child again. The rounds are counted, not the children.
     from types import SimpleNamespace
 
-    from damocles_ext.supervisor.split import prove_split
+    from damocles_ext.supervisor import split
 
     rounds = 0
 
-    async def submit_waiter(task, *how, in_flight=False, avoid=None, judged_later=False):
+    async def step(sup, task, how, *, in_flight=False, avoid=None, judged_later=False):
         nonlocal rounds
         if isinstance(task, WindowPoStVanilla):
             rounds += 1
@@ -339,8 +341,8 @@ async def test_the_rounds_stop_at_maxattempts_when_the_vanilla_step_lands_on_the
         return SimpleNamespace(name=name, spec=SimpleNamespace(stage=stage, max_attempts=2))
 
     breaker = SimpleNamespace(can_serve=lambda name, now: True)  # B looks able at each check
+    monkeypatch.setattr(split, "_step", step)
     sup = SimpleNamespace(
-        _submit_waiter=submit_waiter,
         _children={"A": child("A", VAN), "B": child("B", VAN), "S0": child("S0", SNARK)},
         _book=SimpleNamespace(
             scheduler=SimpleNamespace(breaker=breaker),
@@ -352,7 +354,7 @@ async def test_the_rounds_stop_at_maxattempts_when_the_vanilla_step_lands_on_the
         shutting_down=False,
     )
     with pytest.raises(ProverError, match="before that"):
-        await prove_split(sup, window_task(), (None, 0, None, None))
+        await split.prove_split(sup, window_task(), (None, 0, None, None))
     assert rounds == 2
 
 

@@ -37,9 +37,12 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from ..errors import ProverError, prover_error
 from ..stages import WINDOW_POST_SPLIT
 from ..tasks import (
+    Task,
     WindowPoSt,
     WindowPoStOutput,
     WindowPoStSnarkOutput,
@@ -48,14 +51,44 @@ from ..tasks import (
     snark_task,
     split_window_post,
 )
+from .readiness import run_begun, run_going
 
 if TYPE_CHECKING:
     from ..lifecycle.records import TrackedRequest
     from .core import Supervisor
+    from .request import Waiter
 
 VANILLA, SNARK = WINDOW_POST_SPLIT
 # "request 12 (window_post_snark): " or "request 12 (window_post_snark) ": the book's label.
 _LABEL = re.compile(r"^request \d+ \([a-z_]+\):? ?")
+
+
+async def _step(
+    sup: Supervisor,
+    task: Task,
+    how: tuple[Any, ...],
+    *,
+    in_flight: bool = False,
+    avoid: frozenset[str] | None = None,
+    judged_later: bool = False,
+) -> Waiter:
+    """One of the two requests of a split WindowPoSt, submitted and answered: its waiter (the
+    child that answered is read from it). `avoid`: children not to send it to while another
+    can serve; `judged_later`: a vanilla step (see TrackedRequest); `in_flight`: the SNARK step
+    of one begun, which shutdown lets finish within its grace."""
+    if not run_going(sup, "Supervisor.submit()"):
+        await run_begun(sup, "Supervisor.submit()")
+    # A caller already cancelled gets Cancelled before anything reaches a child (trio's rule).
+    await trio.lowlevel.checkpoint_if_cancelled()
+    deadline, priority, on_progress, on_dispatch = how
+    waiter = sup._begin(task, deadline, priority, on_progress, on_dispatch, None, in_flight, avoid)
+    waiter.tracked.judged_later = judged_later  # (no answer can come before the wait)
+    try:
+        await waiter.wait()
+    finally:
+        if not waiter.tracked.done:  # the caller went away (cancelled): forget it, stop its work
+            sup._abandon(waiter)
+    return waiter
 
 
 async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -> WindowPoStOutput:
@@ -74,8 +107,8 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
                 rid = next(sup._rids)
                 why = f"request {rid} ({SNARK}): {why}; its vanilla step was not run"
                 raise _with_earlier(prover_error(why, late=False, request_id=rid), earlier)
-            waiter = await sup._submit_waiter(
-                split_window_post(task), *how, avoid=avoid or None, judged_later=True
+            waiter = await _step(
+                sup, split_window_post(task), how, avoid=avoid or None, judged_later=True
             )
             if waiter.error is not None:
                 raise _with_earlier(waiter.error, earlier)
@@ -95,7 +128,7 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
             judged: bool | None = None  # refused, proved, or nothing said (see module docstring)
             enough = False
             try:
-                snark = await sup._submit_waiter(snark_task(task, vanilla), *how, in_flight=True)
+                snark = await _step(sup, snark_task(task, vanilla), how, in_flight=True)
                 if snark.error is not None:
                     refused_by = (snark.tracked.avoid or frozenset()) | snark.tracked.lost_on
                     enough = len(refused_by) >= _opinions(sup, refused_by)
