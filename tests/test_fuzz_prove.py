@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from damocles_ext.client import connect
-from damocles_ext.commands.prove import read_task
+from damocles_ext.commands.inputs import read_task
 from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.frontends.control import ControlServer, bind_control_socket
 from damocles_ext.protocol import dext, jsonl

@@ -38,7 +38,8 @@ def task_from_sectors(
     from damocles_ext.sectors.comm_r import CommRFileError, parse_comm_r_file, parse_sector_list
     from damocles_ext.tasks import WindowPoSt, is_window_proof_type
 
-    from .prove import parse_seed, read_input_file
+    from .inputs import read_input_file
+    from .prove import parse_seed
 
     if args.stage != "window_post":
         raise UsageError(f"prove {args.stage} --comm-r: only window_post is built from sectors")

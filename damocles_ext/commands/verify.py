@@ -50,7 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def read_output(path: str, stage: str) -> PoStOutput:
     """The output in OUT.json; UsageError naming the file and what is wrong."""
-    from damocles_ext.commands.prove import read_input_file
+    from damocles_ext.commands.inputs import read_input_file
     from damocles_ext.errors import UsageError
     from damocles_ext.protocol.jsonl import JsonLineError, output_from_json
 
@@ -63,7 +63,7 @@ def read_output(path: str, stage: str) -> PoStOutput:
 
 def run(args: argparse.Namespace) -> int:
     """Verify; VerifyError (exit 1) with the reason when the proof does not check out."""
-    from damocles_ext.commands.prove import read_task
+    from damocles_ext.commands.inputs import read_task
     from damocles_ext.errors import UsageError
 
     if args.request == args.output == "-":
