@@ -256,6 +256,24 @@ def test_prove_says_a_faulty_sector_means_no_proof_though_it_exits_0(sectors: Pa
     assert "faulty sectors and no proof" in _dext("prove", "--help").stdout
 
 
+def test_a_partition_of_faulty_sectors_is_said_in_one_short_line_ending_with_what_to_do(capsys):
+    # Every one listed made a 13 KB line for a full partition, its advice at the very end.
+    import argparse
+
+    from damocles_ext.commands.prove import _emit
+    from damocles_ext.tasks import WindowPoStOutput
+
+    faults = list(range(100_000, 102_349))
+    _emit(WindowPoStOutput(proofs=[], faults=faults), None, argparse.Namespace(manifest=None, comm_r=None))  # fmt: skip
+    out, err = capsys.readouterr()
+    assert err == (
+        "2349 faulty sectors: " + ", ".join(str(f) for f in faults[:20]) + " and 2329 more (all"
+        " of them in the output's faults); no proof: prove again without them (leave them out"
+        " of the task's replicas)\n"
+    )
+    assert json.loads(out)["faults"] == faults  # the output holds them all
+
+
 def test_an_observer_plugin_is_listed_with_its_hooks_not_as_zero_provers(tmp_path: Path):
     from helpers.child import child_env, make_plugin_dist
 
