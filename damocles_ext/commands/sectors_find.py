@@ -17,6 +17,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from damocles_ext.logs import one_line
+from damocles_ext.sectors.comm_r import MAX_SECTORS, parse_numbers
 
 from .common import (
     add_sector_source_args,
@@ -30,12 +31,9 @@ from .common import (
 if TYPE_CHECKING:
     from damocles_ext.sectors import SectorAnswer, SectorRef
 
-#: Sectors one command may ask for (a deadline has at most a few thousand).
-MAX_SECTORS = 1_000_000
 DEFAULT_TIMEOUT = 30.0
 # ASCII digits only, as the worker's --allowed-miners: \d takes fullwidth or Arabic-Indic digits too.
 _MINER = re.compile(r"(?:[ft]0)?([0-9]+)")
-_NUMBERS = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 
 
 def add_find_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -90,23 +88,11 @@ def _miner(text: str) -> int:
 
 
 def _numbers(text: str) -> range:
-    m = _NUMBERS.fullmatch(text.strip())
-    if m is None:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a sector number; give a whole number (12) or a range (10-20)"
-        )
-    # Past 20 digits it is past 2^64-1 (and int() refuses thousands of digits with its own words).
-    if any(len((d or "").lstrip("0")) > 20 for d in m.groups()):
-        raise argparse.ArgumentTypeError(f"{text[:60]!r}: a sector number is below 2^64")
-    first = int(m.group(1))
-    last = first if m.group(2) is None else int(m.group(2))
-    if last < first:
-        raise argparse.ArgumentTypeError(f"{text!r}: the range ends before it starts")
-    if last >= 2**64:
-        raise argparse.ArgumentTypeError(f"{text!r}: a sector number is below 2^64")
-    if last - first >= MAX_SECTORS:
-        raise argparse.ArgumentTypeError(f"{text!r}: over {MAX_SECTORS} sectors")
-    return range(first, last + 1)
+    # The parser `prove --sectors` takes its ranges with: the same checks, the same words.
+    try:
+        return parse_numbers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_find(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """A WindowPoSt from sector numbers (`prove window_post --sectors MINER:NUMBER,… --comm-r FILE`):
 the sector list and the on-chain `comm_r` file, read without any chain access.
 
+- `parse_numbers("10-20")`: a sector number or a range of them, as `sectors find` takes them.
 - `parse_sector_list("1000:5,1000:6:upgrade")`: `SectorRef`s; `f0`/`t0` before the miner is
   allowed, `:upgrade` marks a SnapDeals-upgraded sector (its files in `update/`, `update-cache/`).
 - `parse_comm_r_file(data, name)`: the file is a JSON object `{"MINER:NUMBER": COMM_R, …}`, each
@@ -22,6 +23,10 @@ from .model import SectorRef
 
 # ASCII digits only: \d takes fullwidth or Arabic-Indic digits too.
 _REF = re.compile(r"(?:[ft]0)?([0-9]+):([0-9]+)(:upgrade)?")
+_NUMBERS = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+#: Sectors one command may ask for (`sectors find`), or one `prove --sectors` prove; a range
+#: over it is refused before anything is built (a deadline has at most a few tens of thousands).
+MAX_SECTORS = 1_000_000
 #: The multicodec of a sealed commitment (fil-commitment-sealed) and its multihash
 #: (poseidon-bls12_381-a2-fc1, 0xb401), as go-fil-commcid writes them.
 SEALED_CODEC = 0xF102
@@ -41,6 +46,29 @@ def parse_ref(text: str) -> SectorRef:
     if any(len(m.group(i).lstrip("0")) > 20 for i in (1, 2)):
         raise ValueError(f"{text.strip()[:60]!r}: a miner and a sector number are below 2^64")
     return SectorRef(int(m.group(1)), int(m.group(2)), m.group(3) is not None)
+
+
+def parse_numbers(text: str, item: str | None = None) -> range:
+    """`NUMBER`, or `FIRST-LAST` (every number from FIRST to LAST), at most MAX_SECTORS of them;
+    ValueError naming `item` (by default `text`, the number as given) and saying what to give."""
+    name = text if item is None else item
+    m = _NUMBERS.fullmatch(text.strip())
+    if m is None:
+        raise ValueError(
+            f"{name[:60]!r} is not a sector number; give a whole number (12) or a range (10-20)"
+        )
+    # Past 20 digits it is past 2^64-1 (and int() refuses thousands of digits with its own words).
+    if any(len((d or "").lstrip("0")) > 20 for d in m.groups()):
+        raise ValueError(f"{name[:60]!r}: a sector number is below 2^64")
+    first = int(m.group(1))
+    last = first if m.group(2) is None else int(m.group(2))
+    if last < first:
+        raise ValueError(f"{name!r}: the range ends before it starts")
+    if last >= 2**64:
+        raise ValueError(f"{name!r}: a sector number is below 2^64")
+    if last - first >= MAX_SECTORS:
+        raise ValueError(f"{name!r}: over {MAX_SECTORS} sectors")
+    return range(first, last + 1)
 
 
 def parse_sector_list(text: str) -> list[SectorRef]:
