@@ -66,6 +66,74 @@ def test_sectors_located_through_the_source_are_proved_and_the_unknown_one_is_a_
     dext("verify", "window_post", "--request", task, "--output", store / "proofs.json", check=0)
 
 
+def test_sectors_given_as_a_range_are_proved_and_verified(store):
+    # A deadline's sectors one by one are longer than the 128 KiB Linux allows one argument:
+    # `sectors find`'s ranges are taken here too. Sector 2 of 1-3 is not located: a fault.
+    (store / "s" / "sealed" / f"s-t0{MINER}-2").unlink()
+    with DamoclesSource() as source:
+        source.put(MINER, 1, "store-s")
+        source.put(MINER, 3, "store-s")
+        out = store / "out.json"
+        proc = dext(
+            "prove", "window_post", "--sectors", f"f0{MINER}:1-3", "--comm-r",
+            store / "comm_r.json", "--seed", SEED, "--proof-type", PROOF_TYPE, "--proxy",
+            source.url, "--attached", f"store-s={store / 's'}", "-c", store / "c.cfg", "-o", out,
+            "--no-progress", check=0,
+        )  # fmt: skip
+    output = json.loads(out.read_text())
+    assert output["faults"] == [2] and output["proofs"], proc.stderr
+    task = store / "task.json"
+    dext(
+        "prove", "window_post", "--manifest", store / "s" / "manifest.json", "--seed", SEED,
+        "--sectors", "1,3", "--save-request", task, "-c", store / "c.cfg", "-o", store / "x.json",
+        check=0,
+    )  # fmt: skip
+    (store / "proofs.json").write_text(json.dumps({"proofs": output["proofs"], "faults": []}))
+    dext("verify", "window_post", "--request", task, "--output", store / "proofs.json", check=0)
+
+
+def test_a_deadlines_sectors_are_taken_from_a_range_or_a_file_not_an_argument_too_long(
+    store, tmp_path
+):
+    # 23,490 sectors one by one are one argument over the 128 KiB Linux allows ("Argument list
+    # too long": no way to prove a full deadline); as a range, or as @LIST, they fit.
+    numbers = range(10_000, 33_490)
+    listed = ",".join(f"{MINER}:{n}" for n in numbers)
+    assert len(listed) > 128 * 1024
+    (tmp_path / "comm_r.json").write_text(json.dumps({f"{MINER}:{n}": "00" * 32 for n in numbers}))
+    (tmp_path / "list").write_text(listed.replace(",", "\n", 100) + "\n")  # lines and commas
+    for sectors in (f"{MINER}:10000-33489", f"@{tmp_path / 'list'}"):
+        proc = dext(
+            "prove", "window_post", "--sectors", sectors, "--comm-r", tmp_path / "comm_r.json",
+            "--seed", SEED, "--proof-type", PROOF_TYPE, "--attached", f"store-s={store / 's'}",
+            "--socket", tmp_path / "none", check=0,
+        )  # fmt: skip
+        # None is in the store: every one a fault, no prover asked (the --socket is none).
+        assert json.loads(proc.stdout) == {"proofs": [], "faults": list(numbers)}, sectors
+
+
+def test_sectors_at_dash_are_read_from_stdin_unless_the_comm_r_file_is(store, tmp_path):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "damocles_ext", "prove", "window_post", "--sectors", "@-",
+            "--seed", SEED, "--proof-type", PROOF_TYPE, "--attached", f"store-s={tmp_path}",
+            "--socket", str(tmp_path / "none")]  # fmt: skip
+    done = subprocess.run(
+        [*args, "--comm-r", str(store / "comm_r.json")], input=f"{MINER}:1-2\n{MINER}:3\n",
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    # The store attached is empty: each a fault, no prover asked.
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"proofs": [], "faults": [1, 2, 3]}
+    done = subprocess.run(
+        [*args, "--comm-r", "-"], input="", capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--sectors @- and --comm-r - both read stdin: give one of them as a file" in done.stderr
+
+
 def test_no_sector_located_is_every_sector_a_fault_and_no_prover_is_asked(store, tmp_path):
     for number in (1, 2):
         (store / "s" / "sealed" / f"s-t0{MINER}-{number}").unlink()
@@ -133,7 +201,20 @@ def test_a_bad_comm_r_file_is_exit_2_naming_the_file_and_the_entry(
         (["--sectors", "1000:\u0663"], "is not MINER:NUMBER"),  # \d took it for 3
         # The prover refused the task (exit 1) after the sectors were located.
         (["--sectors", "1000:1,f01000:1"], "1000:1 is given twice"),
-        (["--sectors", "1000:" + "9" * 5000], "a miner and a sector number are below 2^64"),
+        (["--sectors", "1000:" + "9" * 5000], "a sector number is below 2^64"),
+        (["--sectors", "9" * 5000 + ":1"], "a miner is below 2^64"),
+        # Ranges as `sectors find` takes them, in its words.
+        (["--sectors", "1000:9-3"], "--sectors: '1000:9-3': the range ends before it starts"),
+        (["--sectors", "1000:1-" + "9" * 5000], "a sector number is below 2^64"),
+        (["--sectors", "1000:1-\u0663"], "is not MINER:NUMBER or MINER:FIRST-LAST"),
+        (["--sectors", "1000:0-1000000"], "--sectors: '1000:0-1000000': over 1000000 sectors"),
+        (
+            ["--sectors", "1000:0-599999,1000:600000-1000000"],
+            "--sectors: 1000001 sectors asked for; at most 1000000 at once",
+        ),
+        (["--sectors", "1000:1-3,1000:2"], "1000:2 is given twice"),
+        (["--sectors", "@/nonexistent/list"], "--sectors file /nonexistent/list does not exist"),
+        (["--sectors", "@"], "--sectors @: give the file of the sectors after the @"),
         (["--sectors", "1000:1,1000:1:upgrade"], "1000:1 is given twice"),
         (["--sectors", "1000:1", "--proof-type", "StackedDrgWinning2KiBV1"], "is not one"),
         (["--sectors", "1000:1", "--proxy", "127.0.0.1:1"], "no store is known here"),
@@ -166,6 +247,54 @@ def test_a_sector_list_reads_miners_numbers_and_upgraded_sectors():
         SectorRef(1000, 5),
         SectorRef(1000, 6, upgrade=True),
     ]
+
+
+def test_a_sector_list_reads_ranges_one_item_a_line_or_comma_separated():
+    assert parse_sector_list("1000:7-9:upgrade\r\nt01000:2-2, 1000:4\n\n") == [
+        *(SectorRef(1000, n, upgrade=True) for n in (7, 8, 9)),
+        SectorRef(1000, 2),
+        SectorRef(1000, 4),
+    ]
+
+
+@pytest.mark.parametrize("numbers", ["9-3", "1-\u0663", "1-" + "9" * 30, "0-1000000"])
+def test_a_bad_range_is_refused_in_the_words_of_sectors_find(store, numbers):
+    # One parser for both commands: the same checks, the same message, the same exit code.
+    find = dext("sectors", "find", MINER, numbers, "--attached", f"s={store / 's'}", check=2)
+    said = find.stderr.strip().splitlines()[-1].split(": argument NUMBER: ", 1)[1]
+    prove = dext(
+        "prove", "window_post", "--sectors", f"{MINER}:{numbers}", "--comm-r",
+        store / "comm_r.json", "--seed", SEED, "--proof-type", PROOF_TYPE, "-c", store / "c.cfg",
+        check=2,
+    )  # fmt: skip
+    item = f"{MINER}:{numbers}"
+    if "is not a sector number" in said:  # the whole item is not MINER:NUMBER(S)
+        assert f"--sectors: {item!r} is not MINER:NUMBER or MINER:FIRST-LAST" in prove.stderr
+    else:
+        assert said.replace(repr(numbers), repr(item)) in prove.stderr, (said, prove.stderr)
+    assert "Traceback" not in find.stderr + prove.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"1000:1\n1000:x\n", "'1000:x' is not MINER:NUMBER or MINER:FIRST-LAST"),
+        (b"1000:5-2\n", "'1000:5-2': the range ends before it starts"),
+        (b"", "no sector given"),
+        (b"1000:1\xff\n", "not text (byte 6)"),
+    ],
+)
+def test_a_bad_sectors_file_is_exit_2_naming_the_option_the_file_and_the_item(
+    store, tmp_path, content, message
+):
+    listed = tmp_path / "list"
+    listed.write_bytes(content)
+    proc = dext(
+        "prove", "window_post", "--sectors", f"@{listed}", "--comm-r", store / "comm_r.json",
+        "--seed", SEED, "--proof-type", PROOF_TYPE, "-c", store / "c.cfg", check=2,
+    )  # fmt: skip
+    assert f"--sectors @{listed}: {message}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_a_plugin_that_prints_as_sectors_are_located_stays_out_of_the_output(store, tmp_path):

@@ -86,9 +86,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--sectors",
-        metavar="ID,ID,...",
-        help="with --manifest: prove only these sector ids (default: all in the manifest);"
-        " with --comm-r: the sectors to prove, MINER:NUMBER[:upgrade],…",
+        help="with --manifest: prove only these sector ids, ID,ID,… (default: all in the"
+        " manifest); with --comm-r: the sectors to prove, MINER:NUMBER[:upgrade],…, a NUMBER"
+        " also a range FIRST-LAST (1000:0-2348, as `sectors find` takes it), or @LIST: the"
+        " file LIST holds them, one a line or comma-separated ('@-': stdin)",
     )
     parser.add_argument(
         "--save-request",

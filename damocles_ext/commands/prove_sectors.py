@@ -1,7 +1,9 @@
 """`prove window_post --sectors MINER:NUMBER,… --comm-r FILE --seed HEX --proof-type TYPE`: the
 task built from sector numbers, their locations from the sector-location service (`--proxy`,
 `--conf-dir`'s sector-manager.cfg, `--attached`, the plugins' providers) and their on-chain
-comm_r from FILE (sectors/comm_r.py has its form).
+comm_r from FILE (sectors/comm_r.py has its form). A number may be a range (`1000:0-23489`, as
+`sectors find` takes them), and `--sectors @LIST` reads the items from the file LIST: a deadline's
+sectors written out one by one are longer than the 128 KiB Linux allows one argument.
 
 A sector the service does not locate (not found, its files gone, no provider could answer) is
 skipped, as damocles-manager's pre-check skips a sector it cannot read, and listed in the
@@ -35,7 +37,7 @@ def task_from_sectors(
     args: argparse.Namespace, deadline: float | None
 ) -> tuple[WindowPoSt | None, list[int]]:
     """(the task over the located sectors, or None when none is; the numbers skipped)."""
-    from damocles_ext.sectors.comm_r import CommRFileError, parse_comm_r_file, parse_sector_list
+    from damocles_ext.sectors.comm_r import CommRFileError, parse_comm_r_file
     from damocles_ext.tasks import WindowPoSt, is_window_proof_type
 
     from .inputs import read_input_file
@@ -48,10 +50,7 @@ def task_from_sectors(
                          " do not go with it")  # fmt: skip
     if args.sectors is None:
         raise UsageError("--comm-r needs --sectors MINER:NUMBER,… (the sectors to prove)")
-    try:
-        sectors = parse_sector_list(args.sectors)
-    except ValueError as exc:
-        raise UsageError(f"--sectors: {exc}") from None
+    sectors = _sector_list(args)
     miners = sorted({s.miner for s in sectors})
     if len(miners) > 1:
         raise UsageError(
@@ -110,6 +109,36 @@ def task_from_sectors(
     if not replicas:
         return None, skipped
     return WindowPoSt(miners[0], args.proof_type, replicas, seed), skipped
+
+
+def _sector_list(args: argparse.Namespace) -> list[SectorRef]:
+    """--sectors' sectors, given in it or, as @LIST, in the file LIST ('@-': stdin); UsageError
+    naming the option (and the file) and what is wrong."""
+    from damocles_ext.sectors.comm_r import parse_sector_list
+
+    from .inputs import read_input_file
+
+    text, where = args.sectors, "--sectors"
+    if text.startswith("@"):
+        source, where = text[1:], f"--sectors {text[:200]}"
+        if not source:
+            raise UsageError("--sectors @: give the file of the sectors after the @ (@LIST)")
+        if source == "-" and args.comm_r == "-":
+            raise UsageError(
+                "--sectors @- and --comm-r - both read stdin: give one of them as a file"
+            )
+        data = read_input_file(source, "--sectors file", "list of sectors")
+        try:
+            text = data.decode()
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"{where}: not text (byte {exc.start}): give MINER:NUMBER or MINER:FIRST-LAST"
+                " items, one a line or comma-separated"
+            ) from None
+    try:
+        return parse_sector_list(text)
+    except ValueError as exc:
+        raise UsageError(f"{where}: {exc}") from None
 
 
 def _comm_r_key(sector: SectorRef) -> SectorRef:

@@ -1,9 +1,12 @@
 """A WindowPoSt from sector numbers (`prove window_post --sectors MINER:NUMBER,… --comm-r FILE`):
 the sector list and the on-chain `comm_r` file, read without any chain access.
 
-- `parse_numbers("10-20")`: a sector number or a range of them, as `sectors find` takes them.
-- `parse_sector_list("1000:5,1000:6:upgrade")`: `SectorRef`s; `f0`/`t0` before the miner is
-  allowed, `:upgrade` marks a SnapDeals-upgraded sector (its files in `update/`, `update-cache/`).
+- `parse_numbers("10-20")`: a sector number or a range of them, as `sectors find` and
+  `prove --sectors` take them (one parser, the same checks and words for both).
+- `parse_sector_list("1000:5,1000:6:upgrade,1000:10-20")`: `SectorRef`s; `f0`/`t0` before the
+  miner is allowed, `:upgrade` marks a SnapDeals-upgraded sector (its files in `update/`,
+  `update-cache/`), a number may be a range `FIRST-LAST`; items are separated by commas or line
+  breaks (the text of `--sectors @LIST`).
 - `parse_comm_r_file(data, name)`: the file is a JSON object `{"MINER:NUMBER": COMM_R, …}`, each
   `COMM_R` the sector's sealed commitment as the chain has it: a CID string (`bagboea4b5abc…`,
   as Lotus' `StateSectorGetInfo` prints `SealedCID`), `{"/": CID}` (its JSON form), or 64 hex
@@ -23,6 +26,7 @@ from .model import SectorRef
 
 # ASCII digits only: \d takes fullwidth or Arabic-Indic digits too.
 _REF = re.compile(r"(?:[ft]0)?([0-9]+):([0-9]+)(:upgrade)?")
+_REFS = re.compile(r"(?:[ft]0)?([0-9]+):([0-9]+(?:-[0-9]+)?)(:upgrade)?")
 _NUMBERS = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 #: Sectors one command may ask for (`sectors find`), or one `prove --sectors` prove; a range
 #: over it is refused before anything is built (a deadline has at most a few tens of thousands).
@@ -71,11 +75,32 @@ def parse_numbers(text: str, item: str | None = None) -> range:
     return range(first, last + 1)
 
 
+def _parse_item(text: str) -> tuple[int, range, bool]:
+    """`MINER:NUMBER[:upgrade]`, NUMBER also `FIRST-LAST` -> (miner, numbers, upgrade)."""
+    item = text.strip()
+    m = _REFS.fullmatch(item)
+    if m is None:
+        raise ValueError(
+            f"{item[:60]!r} is not MINER:NUMBER or MINER:FIRST-LAST (e.g. 1000:5, 1000:0-2348,"
+            " f01000:5:upgrade)"
+        )
+    if len(m.group(1).lstrip("0")) > 20 or int(m.group(1)) >= 2**64:
+        raise ValueError(f"{item[:60]!r}: a miner is below 2^64")
+    return int(m.group(1)), parse_numbers(m.group(2), item), m.group(3) is not None
+
+
 def parse_sector_list(text: str) -> list[SectorRef]:
-    """Comma-separated `MINER:NUMBER[:upgrade]`; ValueError naming the bad one."""
-    refs = [parse_ref(part) for part in text.split(",") if part.strip()]
-    if not refs:
-        raise ValueError("no sector given; write MINER:NUMBER,MINER:NUMBER,…")
+    """`MINER:NUMBER[:upgrade]` items separated by commas or line breaks, a NUMBER also a range
+    `FIRST-LAST`, at most MAX_SECTORS in all; ValueError naming the bad one."""
+    items = [_parse_item(part) for part in re.split(r"[,\n]", text) if part.strip()]
+    if not items:
+        raise ValueError("no sector given; write MINER:NUMBER,MINER:FIRST-LAST,…")
+    total = sum(len(numbers) for _, numbers, _ in items)
+    if total > MAX_SECTORS:  # before a million refs are built
+        raise ValueError(
+            f"{total} sectors asked for; at most {MAX_SECTORS} at once: prove them in several tasks"
+        )
+    refs = [SectorRef(miner, n, upgrade) for miner, numbers, upgrade in items for n in numbers]
     seen: set[tuple[int, int]] = set()
     for ref in refs:  # a task proves a sector once: the prover refuses one given twice
         if (ref.miner, ref.number) in seen:
