@@ -443,6 +443,53 @@ async def test_a_slow_source_that_answers_other_calls_meanwhile_is_not_marked_do
     assert cut and node.down is None
 
 
+async def test_sectors_the_source_had_no_time_to_be_asked_for_say_so_not_that_they_timed_out(
+    stores, mock_clock
+):
+    """A batch larger than the source could be asked for in its share of the time: the sectors
+    never asked were each said to have had "no answer in the time this lookup had (at most 5 s)",
+    as if the source had been slow on every one (`sectors find 0-23489`, 6,400 such rows)."""
+    with GatedSource([1, 2]) as source:
+        for n in range(1, 5):
+            source.put(MINER, n, "a")
+        node = SourceNode(source.url, stores, connections=1)
+        # One provider, one lookup at a time: its share is the batch's 8 s less a 2 s reserve.
+        bounds = Bounds(batch_timeout=8, lookup_timeout=5, concurrency=1)
+        answers = []
+        try:
+            locator = SectorLocator([node], bounds=bounds)
+            async with locator, trio.open_nursery() as nursery:
+
+                async def lookup() -> None:
+                    answers.extend(await locator.locate(refs(1, 2, 3, 4)))
+
+                nursery.start_soon(lookup)
+                await trio.to_thread.run_sync(source.asked[1].wait)
+                mock_clock.jump(3)
+                source.gates[1].set()  # sector 1 answered after 3 s
+                await trio.to_thread.run_sync(source.asked[2].wait)
+                mock_clock.jump(4)  # sector 2's lookup is cut at the end of the share
+        finally:
+            for gate in source.gates.values():
+                gate.set()
+    one, two, three, four = answers
+    assert one.found and source.finds() == 2
+    assert (
+        two.status == "error" and "no answer in the time this lookup had (at most 5 s" in two.detail
+    )
+    for never in (three, four):
+        assert never.status == "error" and "no answer in the time" not in never.detail
+        assert (
+            f"{never.sector}: not asked: the 6.0 s this provider had of the lookup's time ran out"
+            " before its turn; 2 of 4 sectors were not asked (it answered 1 in that time); give"
+            " the lookup more time, in proportion to its sectors, or ask for fewer sectors at once"
+        ) in never.detail, never.detail
+    # What a command says once, with its own advice (sectors find: --timeout).
+    [(name, left)] = locator.unasked.items()
+    assert name == left.provider == node.name
+    assert (left.share, left.asked, left.answered, left.not_asked) == (6.0, 2, 1, 2)
+
+
 # --- time bounds ----------------------------------------------------------------------------
 
 

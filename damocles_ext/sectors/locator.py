@@ -17,6 +17,8 @@ Public API (kept stable; the worker, the coordinator and `prove` use it):
 - `await nursery.start(locator.refresh_forever)`: the background refresh (optional).
 - `locator.cached(sector)`: what is remembered, without asking anyone (None if nothing).
 - `locator.status()`: a plain dict for a process's status document.
+- `locator.refused`, `locator.unasked`: per provider, a refusal of our credentials, and the
+  sectors its share of a lookup's time left unasked (`model.Unasked`): said once by a command.
 - `await locator.aclose()` (or `async with locator`).
 - `snapshot=CacheSnapshot(path)` (snapshot.py): the cache kept across restarts; its entries are
   read when the first lookup or refresh starts (`restore`), in a task of their own (a lookup
@@ -27,8 +29,9 @@ Public API (kept stable; the worker, the coordinator and `prove` use it):
 
 The rules of one batch: a sector whose entry is fresh is answered from the cache. The others go
 to the providers in order, each given an equal share of what is left of the providers' phase
-(`model.provider_slice`) and each lookup at most `bounds.lookup_timeout`; the first location
-given wins and is remembered. A sector no provider located although one of them failed (an
+(`model.provider_slice`) and each lookup at most `bounds.lookup_timeout` (a sector it had no
+time to be asked for says so: not asked, not timed out); the first location given wins and is
+remembered. A sector no provider located although one of them failed (an
 error, a timeout) gets its last known location if the files are still there (checked in a
 thread with a time bound, in the reserve `bounds.phases` keeps), marked cached with its age;
 if they are not, it is `missing` (a fault for the prover). A sector every provider said it does
@@ -63,6 +66,7 @@ from .model import (
     SectorProviderError,
     SectorRef,
     SectorSettings,
+    Unasked,
     provider_slice,
 )
 
@@ -161,6 +165,9 @@ class SectorLocator:
         #: Provider name -> why, for each provider whose source refused our credentials in a
         #: lookup (`SectorAccessRefused`): a configuration mistake a command may say once.
         self.refused: dict[str, str] = {}
+        #: Provider name -> the sectors its share of a lookup's time left unasked, in the last
+        #: lookup (not a refresh) that left some: a command says it once, with its own advice.
+        self.unasked: dict[str, Unasked] = {}
 
     @property
     def metrics(self) -> SectorMetrics | None:
@@ -349,6 +356,8 @@ class SectorLocator:
         share: trio.CapacityLimiter | None = None,
     ) -> None:
         done: set[SectorRef] = set()
+        started: set[SectorRef] = set()  # asked for: its lookup began (a slot was free)
+        share_of_time = slice_end - trio.current_time()
         lookup_timeout = self.bounds.lookup_timeout
         find_batch = getattr(provider, "find_batch", None)
 
@@ -357,7 +366,7 @@ class SectorLocator:
             if location is None:
                 outcome.not_known.append(provider.name)
                 self._answered(provider.name)
-            elif isinstance(location, SectorLocation) and _textual(location):
+            elif isinstance(location, SectorLocation) and location.textual():
                 outcome.found = (location, provider.name)
                 self._answered(provider.name)
             else:
@@ -380,6 +389,7 @@ class SectorLocator:
                     await ask(sectors[first : first + size])
 
         async def ask(chunk: list[SectorRef]) -> None:
+            started.update(chunk)
             deadline = min(slice_end, trio.current_time() + lookup_timeout)
             with trio.move_on_at(deadline):
                 try:
@@ -419,13 +429,20 @@ class SectorLocator:
                 slots = int((share or limiter).total_tokens)
                 for _ in range(min(slots, -(-len(sectors) // size))):
                     nursery.start_soon(worker)
+        left = [sector for sector in sectors if sector not in started]
+        unasked = Unasked(provider.name, max(0.0, share_of_time), len(started),
+                          len(done), len(left))  # fmt: skip
+        if left and share is None:
+            self.unasked[provider.name] = unasked
         for sector in sectors:
-            if sector not in done:
+            if sector not in done:  # asked, and cut at its bound; or never asked (its share over)
                 self._source_error(
                     provider.name,
                     outcomes[sector],
-                    f"{sector}: no answer in the time this lookup had"
-                    f" (at most {lookup_timeout:g} s, within the caller's deadline)",
+                    f"{sector}: no answer in the time this lookup had (at most"
+                    f" {lookup_timeout:g} s, within the caller's deadline)"
+                    if sector in started
+                    else unasked.detail(sector),
                 )
 
     def _source_error(self, provider: str, outcome: _Outcome, message: str) -> None:
@@ -617,16 +634,6 @@ def _outages(unsaid: _Unsaid) -> str:
     return (
         f"{n} outage{'' if n == 1 else 's'} ({failed} lookup{'' if failed == 1 else 's'} failed;"
         f" the last: {unsaid.message})"
-    )
-
-
-def _textual(location: SectorLocation) -> bool:
-    """The location's paths are str, its store names str or None (what answers are made of)."""
-    return (
-        isinstance(location.sealed_file, str)
-        and isinstance(location.cache_dir, str)
-        and isinstance(location.sealed_store, str | None)
-        and isinstance(location.cache_store, str | None)
     )
 
 

@@ -14,7 +14,9 @@ what a provider is, and the time a batch of lookups may take.
   `async find(sector) -> SectorLocation | None` (None: this provider does not know the sector; an
   exception: it could not answer). `SectorSettings` is what the hook is given.
 - `Bounds`: the time a batch may take, derived from the caller's deadline (`budget`), and how it
-  is shared between the providers and the last-known-location checks (`phases`).
+  is shared between the providers and the last-known-location checks (`phases`); `Unasked`: a
+  provider's share of it ran out before it was asked for some of the batch's sectors (how long
+  it had, how many it answered, how many it was never asked for).
 
 Sans-IO: no trio, no files; times are numbers the caller passes in.
 """
@@ -63,6 +65,16 @@ class SectorLocation:
     cache_dir: str
     sealed_store: str | None = None
     cache_store: str | None = None
+
+    def textual(self) -> bool:
+        """Its paths are str, its store names str or None (a provider's may be something else:
+        a pathlib.Path, say), as answers are made of."""
+        return (
+            isinstance(self.sealed_file, str)
+            and isinstance(self.cache_dir, str)
+            and isinstance(self.sealed_store, str | None)
+            and isinstance(self.cache_store, str | None)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,3 +227,49 @@ def provider_slice(now: float, phase_end: float, providers_left: int) -> float:
     if providers_left <= 0:
         return now
     return now + max(0.0, phase_end - now) / providers_left
+
+
+#: What to do about sectors a provider had no time to be asked for (`Unasked.detail`); a command
+#: replaces it with its own option's words (`sectors find --timeout`).
+UNASKED_ADVICE = (
+    "give the lookup more time, in proportion to its sectors, or ask for fewer sectors at once"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Unasked:
+    """A provider's share of a batch's time (`share` seconds) ran out before it was asked for
+    `not_asked` of the batch's sectors: they had no lookup at all, not one that timed out. It
+    was asked for the `asked` others in that time and answered `answered` of them."""
+
+    provider: str
+    share: float
+    asked: int
+    answered: int
+    not_asked: int
+
+    @property
+    def sectors(self) -> int:
+        """The sectors it was to be asked for."""
+        return self.asked + self.not_asked
+
+    @property
+    def why(self) -> str:
+        """Why a sector it was not asked for has no answer from it, and what to do."""
+        return (
+            f"not asked: the {self.share:.1f} s this provider had of the lookup's time ran out"
+            f" before its turn; {self.not_asked} of {self.sectors} sectors were not asked (it"
+            f" answered {self.answered} in that time); {UNASKED_ADVICE}"
+        )
+
+    def detail(self, sector: SectorRef) -> str:
+        """`sector`'s error from this provider (`why`, after the sector's name)."""
+        return f"{sector}: {self.why}"
+
+    def time_for_all(self, given: float) -> float | None:
+        """The time a batch given `given` seconds would need for this provider to be asked for
+        all its sectors at the pace it answered (its share grows with the batch's), with a
+        quarter more for a pace that varies; None when it answered none (no pace to go by)."""
+        if self.answered <= 0:
+            return None
+        return given * self.sectors / self.answered * 1.25
