@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import pytest
 from helpers.damocles_source import DamoclesSource
@@ -166,6 +167,41 @@ def test_a_source_refusing_the_token_is_exit_2_not_every_sector_a_fault(store, t
     assert proc.stdout == "" and "Traceback" not in proc.stderr
     assert "a sector provider refused us, so sectors went unlocated" in proc.stderr
     assert "HTTP 401" in proc.stderr and "faulty" not in proc.stderr
+
+
+def test_sectors_the_source_had_no_time_to_be_asked_for_are_said_so_once_with_what_to_do(
+    store, tmp_path
+):
+    """More sectors than the source is asked for in its share of the lookup's time (a quarter of
+    the time to --deadline, at most 60 s): each sector never asked was skipped as a fault "with
+    no answer in the time this lookup had (at most 5 s)", as if the source had timed out on it,
+    and nothing said what to do."""
+    numbers = range(1, 41)
+    comm_r = {f"{MINER}:{n}": "00" * 32 for n in numbers}
+    (tmp_path / "many.json").write_text(json.dumps(comm_r))
+    with DamoclesSource() as source:
+        source.hold()  # it takes each call and answers none
+        proc = dext(
+            "prove", "window_post", "--sectors", ",".join(f"{MINER}:{n}" for n in numbers),
+            "--comm-r", tmp_path / "many.json", "--seed", SEED, "--proof-type", PROOF_TYPE,
+            "--proxy", source.url, "--attached", f"store-x={tmp_path / 'x'}", "--deadline", "4",
+            "--socket", tmp_path / "none", check=0,
+        )  # fmt: skip
+    assert json.loads(proc.stdout) == {"proofs": [], "faults": list(numbers)}
+    said = re.search(
+        rf"source 127\.0\.0\.1:{source.port}: its share \([0-9.]+ s\) of the [0-9.]+ s the"
+        r" sectors' lookup had ran out before it was asked for (\d+) of the 40 sectors \(it"
+        r" answered 0 in that time\): they are skipped as faults; prove fewer sectors at once, or"
+        r" give a --deadline further away \(the lookup takes a quarter of the time to it, at most"
+        r" 60 s\)\n",
+        proc.stderr,
+    )
+    assert said is not None, proc.stderr
+    never = [line for line in proc.stderr.splitlines() if ": not asked: the " in line]
+    # 16 were asked at once (Bounds.concurrency) and held; the 24 others never were.
+    assert len(never) == int(said.group(1)) == 24, proc.stderr
+    assert all("at most 60 s) (said above)" in line for line in never), never[0]
+    assert "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,9 @@ message with exit code 2."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -238,6 +240,68 @@ def test_a_sector_found_where_its_files_are_not_says_so_and_is_exit_1(source, st
     five, six = map(json.loads, find(f"f0{MINER}", "5", "6", "--json", *where).stdout.splitlines())
     assert five["status"] == "found" and "does not exist" in five["detail"]
     assert six["status"] == "found" and six["detail"] == ""
+
+
+class SlowSource(DamoclesSource):
+    """A source node that takes `delay` seconds over each lookup (a loaded one, a long way off)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    def _find(self, index_type, sid):
+        time.sleep(self.delay)
+        return super()._find(index_type, sid)
+
+
+def test_sectors_the_source_had_no_time_to_be_asked_for_are_said_with_the_timeout_to_give(
+    tmp_path,
+):
+    """More sectors than a source answers in its share of --timeout: the ones it was never
+    asked for each said "no answer in the time this lookup had (at most 5 s)", as if each lookup
+    had timed out (`sectors find 0-23489` on the default 30s: 6,400 such rows), and nothing said
+    what to do. Now each says it was not asked, the count is said once with the --timeout that
+    would do, and that --timeout does."""
+    store = tmp_path / "store-a"  # the files are not here: the scan finds none of them
+    store.mkdir()
+    with SlowSource(delay=0.02) as source:  # 8 connections: at most 400 lookups a second
+        for n in range(300):
+            source.put(MINER, n, "a")
+        where = ("--proxy", source.url, "--attached", f"a={store}")
+        # 1 s: the source's share is half of three quarters of it, about 0.4 s.
+        short = find(str(MINER), "0-299", *where, "--timeout", "1s", "--json")
+        rows = [json.loads(line) for line in short.stdout.splitlines()]
+        [said] = [line for line in short.stderr.splitlines() if "share of --timeout" in line]
+        advice = re.search(r"give --timeout (\w+) or more", said)
+        assert advice is not None, said
+        enough = find(str(MINER), "0-299", *where, "--timeout", advice.group(1), "--json")
+    assert short.returncode == 1, short.stderr
+    never = [r for r in rows if "not asked" in r["detail"]]
+    cut = [r for r in rows if "no answer in the time this lookup had" in r["detail"]]
+    found = [r for r in rows if r["status"] == "found"]
+    assert never and found and len(never) + len(cut) + len(found) == 300, short.stderr
+    assert all(r["status"] == "error" for r in never + cut)
+    assert not any("no answer in the time" in r["detail"] for r in never)
+    assert said.startswith(
+        f"damocles-ext sectors find: error: source 127.0.0.1:{source.port}: its share of"
+        " --timeout 1s ("
+    ), said
+    assert (
+        f") ran out before it was asked for {len(never)} of the 300 sectors (it answered"
+        f" {len(found)} in that time); give --timeout {advice.group(1)} or more (in"
+        " proportion to the sectors, at the pace it answered), or ask for fewer sectors per call"
+    ) in said, said
+    # Each sector not asked says so, and what to do in this command's words.
+    assert never[0]["detail"].startswith(
+        f"source 127.0.0.1:{source.port}: sector {never[0]['number']} of miner {MINER}: not"
+        " asked: the 0.4 s this provider had of the lookup's time ran out before its turn;"
+        f" {len(never)} of 300 sectors were not asked"
+    ), never[0]["detail"]
+    assert f"give --timeout {advice.group(1)} or more" in never[0]["detail"]
+    assert "Traceback" not in short.stderr
+    # The --timeout it said is enough for every sector (whose files are on other machines).
+    assert [json.loads(line)["status"] for line in enough.stdout.splitlines()] == ["found"] * 300
+    assert "not asked" not in enough.stderr and "share of --timeout" not in enough.stderr
 
 
 def test_a_store_not_mounted_is_named_when_sectors_are_not_found(store, tmp_path):

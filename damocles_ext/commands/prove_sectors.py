@@ -25,6 +25,7 @@ from .common import check_proxy_headers, check_sector_sources, sector_stores
 
 if TYPE_CHECKING:
     from damocles_ext.sectors import SectorAnswer, SectorRef
+    from damocles_ext.sectors.model import Unasked
     from damocles_ext.tasks import Output, WindowPoSt
 
 log = logging.getLogger("damocles_ext.prove")
@@ -80,19 +81,23 @@ def task_from_sectors(
     check_proxy_headers(args.proxy, args.header, "--header")
     check_sector_sources(args.proxy, stores)
     time_left = None if deadline is None else max(0.0, deadline - time.time())
-    answers, refused = locate(args, stores, sectors, time_left)
+    answers, refused, unasked = locate(args, stores, sectors, time_left)
     if refused and not all(a.found for a in answers):
         # Our access, not the sectors: said as `sectors find` says it, not proved as faults.
         why = "; ".join(f"{name}: {one_line(text)}" for name, text in refused.items())
         raise UsageError(f"a sector provider refused us, so sectors went unlocated: {why}")
+    # Each provider whose share of the time ran out: said once; each sector's line says so too.
+    said = [say_unasked(left, time_left) for left in unasked.values()]
     replicas = []
     skipped = []
+    from damocles_ext.sectors.model import UNASKED_ADVICE
     from damocles_ext.tasks import PoStReplicaInfo
 
     for answer in answers:
         number = answer.sector.number
         if not answer.found or answer.location is None:
-            log.warning("sector %d skipped (a fault): %s", number, answer.detail)
+            detail = answer.detail.replace(UNASKED_ADVICE, said[0]) if said else answer.detail
+            log.warning("sector %d skipped (a fault): %s", number, detail)
             skipped.append(number)
             continue
         if answer.stale:
@@ -141,6 +146,27 @@ def _sector_list(args: argparse.Namespace) -> list[SectorRef]:
         raise UsageError(f"{where}: {exc}") from None
 
 
+def say_unasked(unasked: Unasked, time_left: float | None) -> str:
+    """Warn that a provider's share of the lookup's time ran out before it was asked for some
+    sectors (they are skipped as faults, not looked up); what to do, for each sector's line."""
+    from damocles_ext.sectors import Bounds
+
+    budget = Bounds(batch_timeout=LOCATE_TIMEOUT).budget(time_left)
+    advice = "prove fewer sectors at once"
+    if budget < LOCATE_TIMEOUT:  # cut by --deadline: one further away gives it more
+        advice += (
+            ", or give a --deadline further away (the lookup takes a quarter of the time to it,"
+            f" at most {LOCATE_TIMEOUT:g} s)"
+        )
+    log.warning(
+        "%s: its share (%.1f s) of the %.1f s the sectors' lookup had ran out before it was asked"
+        " for %d of the %d sectors (it answered %d in that time): they are skipped as faults; %s",
+        unasked.provider, unasked.share, budget, unasked.not_asked, unasked.sectors,
+        unasked.answered, advice,
+    )  # fmt: skip
+    return f"{advice} (said above)"
+
+
 def _comm_r_key(sector: SectorRef) -> SectorRef:
     """The comm_r file's key of a sector (upgraded or not: one comm_r per sector number)."""
     from damocles_ext.sectors import SectorRef
@@ -153,9 +179,10 @@ def locate(
     stores: dict[str, str],
     sectors: list[SectorRef],
     time_left: float | None,
-) -> tuple[list[SectorAnswer], dict[str, str]]:
-    """The service's answers for `sectors`, within a share of `time_left`, and the providers
-    that refused us (a token or header: our configuration), each with why."""
+) -> tuple[list[SectorAnswer], dict[str, str], dict[str, Unasked]]:
+    """The service's answers for `sectors`, within a share of `time_left`, the providers that
+    refused us (a token or header: our configuration), each with why, and those whose share of
+    the time ran out before they were asked for some sectors."""
     import trio
 
     from damocles_ext.plugins import get_plugin_manager
@@ -165,10 +192,11 @@ def locate(
     settings = SectorSettings(proxy=args.proxy, stores=stores, headers=tuple(args.header))
     bounds = Bounds(batch_timeout=LOCATE_TIMEOUT)
 
-    async def main() -> tuple[list[SectorAnswer], dict[str, str]]:
+    async def main() -> tuple[list[SectorAnswer], dict[str, str], dict[str, Unasked]]:
         locator = await open_locator(settings, plugin_manager=get_plugin_manager(), bounds=bounds)
         async with locator:
-            return await locator.locate(sectors, time_left=time_left), dict(locator.refused)
+            answers = await locator.locate(sectors, time_left=time_left)
+        return answers, dict(locator.refused), dict(locator.unasked)
 
     return trio.run(main)
 

@@ -30,6 +30,7 @@ from .common import (
 
 if TYPE_CHECKING:
     from damocles_ext.sectors import SectorAnswer, SectorRef
+    from damocles_ext.sectors.model import Unasked
 
 DEFAULT_TIMEOUT = 30.0
 # ASCII digits only, as the worker's --allowed-miners: \d takes fullwidth or Arabic-Indic digits too.
@@ -72,7 +73,8 @@ def add_find_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=positive_duration,
         default=DEFAULT_TIMEOUT,
         help=f"the providers' lookups take at most this (default: {DEFAULT_TIMEOUT:g}s); the"
-        " bookkeeping and table of hundreds of thousands of sectors add to it",
+        " bookkeeping and table of hundreds of thousands of sectors add to it. Sectors a source"
+        " had no time to be asked for say so, with the --timeout that would do",
     )
     find.add_argument("--json", action="store_true", help="print one JSON object per line")
     return find
@@ -114,6 +116,7 @@ def run_find(args: argparse.Namespace) -> int:
     bounds = Bounds(batch_timeout=args.timeout, lookup_timeout=min(5.0, args.timeout))
 
     refused: dict[str, str] = {}
+    unasked: dict[str, Unasked] = {}
 
     async def main() -> tuple[list[SectorAnswer], dict[SectorRef, str], list[str]]:
         end = trio.current_time() + args.timeout
@@ -121,6 +124,7 @@ def run_find(args: argparse.Namespace) -> int:
         async with locator:
             answers = await locator.locate(sectors)
         refused.update(locator.refused)
+        unasked.update(locator.unasked)
         left = max(1.0, end - trio.current_time())
         missing: list[str] = []
         absent: dict[SectorRef, str] = {}
@@ -150,6 +154,21 @@ def run_find(args: argparse.Namespace) -> int:
         kind = "error" if unanswered else "warning"  # (another provider found them all)
         print(f"damocles-ext sectors find: {kind}: {name}: {one_line(why)}", file=sys.stderr)
         details = [d.replace(why, f"{name} refused us (said above)") for d in details]
+    from damocles_ext.jobs.listing import go_duration
+    from damocles_ext.sectors.model import UNASKED_ADVICE
+
+    for name, left in unasked.items():  # its share of --timeout ran out: said once, with what to do
+        kind = "error" if unanswered else "warning"
+        advice = more_time(left, args.timeout)
+        print(
+            f"damocles-ext sectors find: {kind}: {name}: its share of --timeout"
+            f" {go_duration(args.timeout)} ({left.share:.1f} s) ran out before it was asked for"
+            f" {left.not_asked} of the {left.sectors} sectors (it answered {left.answered} in that"
+            f" time); {advice}",
+            file=sys.stderr,
+        )
+        ours = left.why.replace(UNASKED_ADVICE, advice)  # the sectors' lines: --timeout's words
+        details = [d.replace(left.why, ours) for d in details]
     if args.json:
         import json
 
@@ -232,6 +251,24 @@ async def files_not_there(
         for group in groups.values():
             nursery.start_soon(check, group)
     return absent
+
+
+def more_time(unasked: Unasked, timeout: float) -> str:
+    """What to do about the sectors a provider had no time to be asked for in `timeout`."""
+    import math
+
+    from damocles_ext.jobs.listing import go_duration
+
+    needed = unasked.time_for_all(timeout)
+    if needed is None:  # it answered nothing in its share: its pace says nothing
+        return (
+            "it answered none of those it was asked for (why: below); ask for fewer sectors per"
+            " call, or give a longer --timeout if it is slow but up"
+        )
+    return (
+        f"give --timeout {go_duration(math.ceil(needed))} or more (in proportion to the"
+        " sectors, at the pace it answered), or ask for fewer sectors per call"
+    )
 
 
 def _name(sector: SectorRef) -> str:
