@@ -586,3 +586,33 @@ def test_a_kill_at_the_deadline_still_answers_the_request_at_its_deadline():
     book.submit(1, window_task(), 0.0, deadline=8.0)
     out = book.advance(8.0)
     assert kinds(out) == ["Kill", "Resolve"] and out[1].outcome == "timeout"
+
+
+def test_a_dext_childs_heartbeat_counts_from_the_request_it_is_sent_after_being_idle():
+    # Idle for longer than its HeartbeatTimeoutSecs (nothing to say while it has no work), a
+    # child sent a request is given the whole timeout from then, not judged hung at once.
+    book = book_with(("a", ChildLimits(heartbeat_timeout=60.0)))
+    ready(book, "a")
+    req, out = book.submit(1, window_task(), 100.0)
+    assert out == [Send(req, "a", 1)]
+    assert book.next_wakeup() == 160.0
+    assert book.advance(159.0) == []
+    (kill,) = book.advance(160.0)
+    assert isinstance(kill, Kill) and "no Progress or Response for 60.0s" in kill.reason
+
+
+def test_an_answer_after_the_grace_period_or_a_stop_answered_its_request_is_not_a_second_one():
+    # grace_over and fail_all answer requests a child still runs: the child's own answer, read
+    # before it is stopped, only frees the slot (the caller was told; observers hear of it once).
+    book = book_with(("a", ChildLimits()), capacity=2)
+    ready(book, "a")
+    first, _ = book.submit(1, window_task(), 0.0)
+    book.shutdown(1.0)
+    assert resolved(book.grace_over(31.0, 30.0))[0].request is first
+    assert book.answered("a", 1, 31.5, output=OK) == []
+    book = book_with(("a", ChildLimits()), capacity=2)
+    ready(book, "a")
+    second, _ = book.submit(1, window_task(), 0.0)
+    assert resolved(book.fail_all(1.0, "stopped at once"))[0].request is second
+    assert book.answered("a", 1, 1.5, error="interrupted") == []
+    assert book.unanswered == 0
