@@ -373,6 +373,18 @@ def test_a_child_that_gave_up_fails_the_queue_with_why():
     assert "a: exited (code 1)" in res.error and res.outcome == "error"
 
 
+def test_a_request_failing_while_a_sibling_still_serves_names_no_last_exit():
+    # The last exits are why no child can serve: said when every one gave up, not when one did.
+    book = book_with(("a", ChildLimits()), ("b", ChildLimits()))
+    ready(book, "b")
+    book.submit(1, window_task(), 0.0)  # b is busy with it
+    book.child_gave_up("a", 0.5, fatal=True, last_exit="exited (code 1)")
+    book.submit(2, window_task(), 1.0, deadline=5.0)
+    (res,) = resolved(book.advance(5.0))
+    assert res.outcome == "timeout" and "exited (code 1)" not in res.error
+    assert book.cannot_serve("window_post") is None
+
+
 # -- time ----------------------------------------------------------------------------------------
 
 
@@ -393,6 +405,17 @@ def test_a_request_timeout_retries_elsewhere_cancels_and_kills_after_the_grace()
     # The killed child's other work would be retried free: here there is none.
     assert book.child_lost("a", 15.1, "killed") == []
     assert book.answered("b", 1, 16.0, output=OK) == [Resolve(req, OK, None, "ok")]
+
+
+def test_a_request_timing_out_at_its_deadline_is_answered_late_not_retried():
+    limits = ChildLimits(max_attempts=2, request_timeout=10.0)
+    book = book_with(("a", limits), ("b", limits))
+    ready(book, "a", "b")
+    book.submit(1, window_task(), 0.0, deadline=10.0)
+    out = book.advance(10.0)
+    assert kinds(out) == ["Resolve", "SendCancel"]
+    assert out[0].outcome == "timeout" and out[0].late
+    assert "timed out after 10s on a (pid 100); its deadline has passed" in out[0].error
 
 
 def test_a_child_that_answers_within_the_grace_is_not_killed():
