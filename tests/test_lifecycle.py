@@ -483,6 +483,27 @@ def test_a_deadline_cancels_the_running_request_and_a_late_answer_is_dropped():
     assert SendCancel("a", 1) in out
 
 
+def test_a_deadline_cut_counts_one_failure_of_its_child_and_an_abandoned_one_none_more():
+    book = book_with(("a", ChildLimits(cancel_grace=5.0)), capacity=2)
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0, deadline=20.0)
+    book.submit(2, window_task(), 0.0, deadline=20.0)
+    assert SendCancel("a", 2) in book.caller_gone(2, 1.0)  # its grace ends at 6
+    assert book.answered("a", 2, 2.0, error="cancelled") == []
+    book.submit(3, window_task(), 3.0, deadline=20.0)
+    assert SendCancel("a", 3) in book.caller_gone(3, 19.0)  # its grace ends at 24
+    out = book.advance(20.0)  # 1 is cut by its deadline; 3, abandoned, is told nothing more
+    assert kinds(out) == ["Resolve", "SendCancel"] and out[1] == SendCancel("a", 1)
+    assert book.counters("a") == (0, 1)
+    # A deadline passing while its child goes down counts it once too.
+    book = book_with(("a", ChildLimits()))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0, deadline=10.0)
+    book.child_down("a", 5.0)
+    assert resolved(book.advance(10.0))[0].outcome == "timeout"
+    assert book.counters("a") == (0, 1)
+
+
 def test_a_queued_request_fails_at_its_deadline_without_reaching_a_child():
     book = book_with(("a", ChildLimits()))
     req, _ = book.submit(1, window_task(), 0.0, deadline=5.0)
