@@ -569,6 +569,18 @@ def test_a_caller_gone_is_answered_cancelled_and_its_dext_child_told():
     assert book.answered("a", 1, 2.0, error="cancelled") == []  # frees the slot, nothing more
 
 
+def test_a_caller_gone_is_not_timed_out_later_nor_told_again_nor_told_while_going_down():
+    book = book_with(("a", ChildLimits(request_timeout=10.0, cancel_grace=50.0)), capacity=2)
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    assert SendCancel("a", 1) in book.caller_gone(1, 1.0)
+    assert book.advance(10.0) == []  # its request timeout: nothing more to do
+    assert book.counters("a") == (0, 0)
+    book.submit(2, window_task(), 11.0)
+    book.child_down("a", 12.0)
+    assert kinds(book.caller_gone(2, 13.0)) == ["Resolve"]  # no Cancel to a process going away
+
+
 def test_a_caller_gone_from_a_json_lines_child_is_not_told_or_killed():
     book = book_with(("a", ChildLimits(cancel_grace=5.0)))
     ready(book, "a", protocol="jsonl")
