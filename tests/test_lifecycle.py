@@ -428,6 +428,16 @@ def test_a_child_that_answers_within_the_grace_is_not_killed():
     assert book.advance(15.0) == [] and book.next_wakeup() is None
 
 
+def test_a_cancel_grace_ending_after_its_child_went_down_kills_nothing():
+    # The child is going away already (exiting, or stopped): no kill, no "ignored a Cancel".
+    book = book_with(("a", ChildLimits(cancel_grace=5.0)))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    assert SendCancel("a", 1) in book.caller_gone(1, 1.0)
+    book.child_down("a", 3.0)
+    assert book.advance(6.0) == []
+
+
 def test_a_timeout_or_grace_due_while_the_childs_answer_waits_unread_waits_for_it_once():
     # The supervisor did not run for a while (SIGSTOP, a paused VM): the child answered in time
     # but its answer waits unread in its pipe as the alarms come due. The driver tells the book
