@@ -418,6 +418,21 @@ def test_a_request_timing_out_at_its_deadline_is_answered_late_not_retried():
     assert "timed out after 10s on a (pid 100); its deadline has passed" in out[0].error
 
 
+def test_a_child_killed_for_ignoring_a_cancel_costs_its_other_requests_no_attempt():
+    limits = ChildLimits(max_attempts=1, cancel_grace=5.0)
+    book = book_with(("a", limits), ("b", limits), capacity=2)
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    other, _ = book.submit(2, window_task(), 0.0)
+    book.caller_gone(1, 1.0)
+    (kill,) = book.advance(6.0)  # 1 still runs 5 s after its Cancel
+    assert kill == Kill("a", "request 1 (child id 1) still running 5s after a Cancel", 1)
+    ready(book, "b", now=6.5)
+    out = book.child_lost("a", 7.0, "exited (killed by SIGKILL)")
+    assert kinds(out) == ["Retry", "Send"] and out[1] == Send(other, "b", 1)
+    assert book.answered("b", 1, 8.0, output=OK) == [Resolve(other, OK, None, "ok")]
+
+
 def test_a_child_that_answers_within_the_grace_is_not_killed():
     book = book_with(("a", ChildLimits(request_timeout=10.0, cancel_grace=5.0)))
     ready(book, "a")
@@ -533,6 +548,15 @@ def test_a_silent_dext_child_is_killed_after_its_heartbeat_timeout():
     assert kill == Kill(
         "a", "hung: no Progress or Response for 60.0s while working (HeartbeatTimeoutSecs = 60)"
     )
+
+
+def test_a_dext_child_with_no_work_is_not_judged_hung_by_its_silence():
+    book = book_with(("a", ChildLimits(heartbeat_timeout=60.0)))
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    assert book.answered("a", 1, 5.0, output=OK) == [Resolve(req, OK, None, "ok")]
+    assert book.advance(60.0) == [] and book.advance(65.0) == [] and book.advance(500.0) == []
+    assert book.next_wakeup() is None
 
 
 def test_a_child_that_speaks_late_is_not_judged_hung_by_a_late_driver():
