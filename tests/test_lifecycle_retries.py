@@ -364,6 +364,45 @@ def test_a_winning_post_goes_back_to_a_child_that_failed_it_once_not_after_a_sec
     assert [e.child for e in out if isinstance(e, Send)] == ["w2"]
 
 
+def test_a_winning_posts_try_back_on_the_child_that_failed_it_keeps_its_last_attempt_for_another():
+    # MaxAttempts 2 (the default): its second attempt went back to w1 at once (w2's GPU held by
+    # a WindowPoSt) and failed there too: the answer, a lost block, though w2 was free soon
+    # after. The try back is not counted: the last attempt waits for w2.
+    book = RequestBook()
+    for name, stage, lock in (("w1", WIN, "g0"), ("w2", WIN, "g1"), ("p", "window_post", "g1")):
+        book.add_child(name, stage, locks=frozenset({lock}), limits=ChildLimits(max_attempts=2))
+    for i, name in enumerate(("w1", "w2", "p")):
+        book.child_ready(name, 0.0, protocol="dext", pid=100 + i)
+    _, (hold,) = book.submit(1, window_task(), 0.0)  # holds g1
+    req, (send,) = book.submit(2, winning_task(), 1.0, deadline=21.0)
+    retries = []
+    for at in (2.0, 3.0):
+        assert send.child == "w1"
+        out = book.answered("w1", send.child_rid, at, error="CUDA error 999")
+        retries += [(r.attempt, r.max_attempts) for r in out if isinstance(r, Retry)]
+        sends = [e for e in out if isinstance(e, Send)]
+        send = sends[0] if sends else None
+    assert send is None and retries == [(2, 2), (3, 3)]  # it waits for w2
+    out = book.answered("p", hold.child_rid, 12.0, output=OK)
+    (send,) = [e for e in out if isinstance(e, Send) and e.child == "w2"]
+    assert book.answered("w2", send.child_rid, 13.0, output=WIN_OK)[-1] == Resolve(req, WIN_OK, None, "ok")  # fmt: skip
+
+
+def test_a_winning_post_failed_by_every_child_is_answered_with_each_attempt():
+    book = RequestBook()
+    for name, lock in (("w1", "g0"), ("w2", "g1")):
+        book.add_child(name, WIN, locks=frozenset({lock}), limits=ChildLimits(max_attempts=2))
+    for i, name in enumerate(("w1", "w2")):
+        book.child_ready(name, 0.0, protocol="dext", pid=100 + i)
+    _, (send,) = book.submit(1, winning_task(), 0.0, deadline=20.0)
+    out = book.answered("w1", send.child_rid, 1.0, error="bad")
+    (send,) = [e for e in out if isinstance(e, Send)]
+    assert send.child == "w2"  # free: no going back
+    out = book.answered("w2", send.child_rid, 2.0, error="bad too")
+    (resolve,) = [e for e in out if isinstance(e, Resolve)]
+    assert resolve.error is not None and "2 attempts made" in resolve.error, resolve.error
+
+
 # -- a WinningPoSt with no second opinion to ask runs again where it failed, once ----------------
 
 WIN = "winning_post"

@@ -237,6 +237,7 @@ class RequestBook(BookRules):
                 now,
                 out,
                 charge=process.charge_all,
+                free=attempt.free,
             )
         self._dispatch(now, out)
         return out

@@ -39,6 +39,7 @@ class TrackedRequest(msgspec.Struct, eq=False):
     deadline_unix: float | None  # as the caller gave it, for the wire
     priority: int
     attempts: int = 0  # times sent to a child
+    free_tries: int = 0  # of them, a WinningPoSt's sent back to a child that failed it
     attempt_id: int | None = None  # its current scheduler job (queued or running)
     child: str | None = None  # child of the current or last attempt
     history: list[str] = msgspec.field(default_factory=list)
@@ -86,6 +87,9 @@ class Attempt(msgspec.Struct, eq=False):
     started: float
     process: ProcessRecord
     abandoned: bool = False  # its request was answered or moved on; the child still runs it
+    #: A WinningPoSt sent back to a child that failed it (no other could start it at once): it
+    #: is not counted against MaxAttempts, whose last is kept for another child.
+    free: bool = False
     timeout_waited: bool = False  # its timeout waited once for its child's unread output
     grace_waited: bool = False  # and its Cancel's grace (rules.UNREAD_WAIT)
     timeout: Alarm[Due] | None = None

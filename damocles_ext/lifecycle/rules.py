@@ -183,6 +183,9 @@ class BookRules:
         process.attempts[child_rid] = attempt
         self._running[aid] = attempt
         req.attempts += 1
+        if req.avoid is not None and child in req.avoid and req.stage == URGENT:
+            attempt.free = True  # (a block does not wait: the scheduler sent it back here)
+            req.free_tries += 1
         c.sent = True
         req.child = child
         req.current = attempt
@@ -290,17 +293,19 @@ class BookRules:
         out: list[Effect],
         *,
         charge: bool = True,
+        free: bool = False,
         outcome: str = "error",
         level: str = "warning",
     ) -> None:
         """Attempt `aid` of `req` was lost (`what`) on `process`: queue it again if it may, else
-        answer it; `level`: the retry's, for the log."""
+        answer it; `level`: the retry's, for the log; `free`: the attempt's (Attempt.free)."""
         c = process.child
         self._attempts.pop(aid, None)
         if req.done or req.attempt_id != aid:
             return
         if not charge:
             req.attempts -= 1
+            req.free_tries -= free
         max_attempts = max(1, c.limits.max_attempts)
         if self.shutting_down:
             why = f"{what}, and the supervisor is shutting down, so it was not retried"
@@ -309,9 +314,10 @@ class BookRules:
             why = f"{what}; its deadline has passed"
             error = self._describe_failure(req, why)
             self._resolve(req, out, now, error=error, outcome="timeout", late=True)
-        elif req.attempts < max_attempts:
+        elif req.attempts - req.free_tries < max_attempts:
             self._enqueue(req, now, retry=True)
-            out.append(Retry(req, what, req.attempts + 1, max_attempts, level, c.name, process.pid))
+            of = max_attempts + req.free_tries
+            out.append(Retry(req, what, req.attempts + 1, of, level, c.name, process.pid))
         else:
             why = f"{what}; giving up (MaxAttempts = {max_attempts} on {c.name})"
             self._resolve(req, out, now, error=self._describe_failure(req, why), outcome=outcome)
@@ -351,7 +357,7 @@ class BookRules:
         max_attempts = max(1, c.limits.max_attempts)
         over = self.shutting_down or (req.deadline is not None and now >= req.deadline)
         req.avoid = avoid  # (also once answered: a split WindowPoSt asks who failed its step)
-        may = not over and req.attempts < max_attempts
+        may = not over and req.attempts - req.free_tries < max_attempts
         if may and any(o.name not in avoid and breaker.can_serve(o.name, now) for o in others):
             retry: str | None = what
         elif may and (again := self._try_again(req, now)) is not None:
@@ -363,7 +369,8 @@ class BookRules:
             req.history.append(f"attempt {req.attempts} on {c.name}: {said}")
             self._enqueue(req, now, retry=True)
             pid = attempt.process.pid
-            out.append(Retry(req, retry, req.attempts + 1, max_attempts, child=c.name, pid=pid))
+            of = max_attempts + req.free_tries
+            out.append(Retry(req, retry, req.attempts + 1, of, child=c.name, pid=pid))
         elif req.history:  # the last of several attempts: say what became of each
             self._resolve(req, out, now, error=self._describe_failure(req, what))
         else:
@@ -495,7 +502,9 @@ class BookRules:
         process = attempt.process
         self._send_cancel(attempt, now, out, kill_after_grace=True)
         what = f"taken back from {process.who}, where it was {reason}"
-        self._retry_or_fail(req, process, aid, what, now, out, charge=False, level="info")
+        self._retry_or_fail(
+            req, process, aid, what, now, out, charge=False, free=attempt.free, level="info"
+        )
         return not req.done
 
     def _on_deadline_while_down(self, attempt: Attempt, now: float, out: list[Effect]) -> None:
@@ -535,7 +544,9 @@ class BookRules:
         c.failed += 1
         what = f"timed out after {c.limits.request_timeout:g}s on {process.who}"
         req.history.append(f"attempt {req.attempts} {what}")
-        self._retry_or_fail(req, process, attempt.attempt_id, what, now, out, outcome="timeout")
+        self._retry_or_fail(
+            req, process, attempt.attempt_id, what, now, out, free=attempt.free, outcome="timeout"
+        )
         self._send_cancel(attempt, now, out, kill_after_grace=True)
 
     def _send_cancel(
