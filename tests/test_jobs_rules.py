@@ -577,3 +577,88 @@ def test_the_sweep_runs_at_least_four_times_per_heartbeat_timeout():
     assert rules.sweep_every(rules.JobLimits()) == 3.75
     assert rules.sweep_every(rules.JobLimits(heartbeat_timeout=60.0)) == 10.0
     assert rules.sweep_every(rules.JobLimits(heartbeat_timeout=2.0)) == 0.5
+
+
+# --- pinned by mutation: each of these failed no test when its rule was removed -----------------
+
+
+def test_a_finish_from_the_worker_whose_job_was_cancelled_is_refused_not_a_repeat():
+    # The job was cancelled at its deadline while running on w1: nobody finished it, so w1's
+    # finish arriving later is refused (too late), not acknowledged as the finish it was.
+    out = model.JobOutput(proofs=(b"p",), faults=())
+    job = apply(None, Create(make_input(), not_after=T0 + 60), T0, LIMITS).job
+    job = apply(job, Allocate("w1", "L1"), T0 + 1, LIMITS).job
+    cancelled = apply(job, Sweep(), T0 + 60, LIMITS).job
+    assert cancelled.cancelled and cancelled.WorkerName == "w1"
+    for late in (Finish(out, "", worker="w1"), Finish(out, "", lease="L1")):
+        step = apply(cancelled, late, T0 + 61, LIMITS)
+        assert step.job is cancelled, late
+        [refused] = step.effects
+        assert isinstance(refused, Refused), late
+
+
+def test_a_late_failure_that_carries_an_output_is_refused_like_any_late_failure():
+    # Only a proof (an output and no error) is taken from a worker that lost its job.
+    out = model.JobOutput(proofs=(b"p",), faults=())
+    taken_back = apply(running(worker="w1", lease="L1"), Sweep(), T0 + 16, LIMITS).job
+    assert taken_back.State == READY
+    for late in (Finish(out, "half done", lease="L1"), Finish(out, "half done", worker="w1")):
+        step = apply(taken_back, late, T0 + 18, LIMITS)
+        assert step.job is taken_back, late
+        [refused] = step.effects
+        assert isinstance(refused, Refused), late
+
+
+def test_a_late_proof_names_the_worker_that_sent_it_and_its_repeat_is_acknowledged():
+    # w1 and then w2 went silent; w1's proof, named but without a token, arrives while the job
+    # waits for its third try: the job is w1's result, and w1 sending it again is a repeat.
+    limits = JobLimits(max_try=3)
+    out = model.JobOutput(proofs=(b"p",), faults=())
+    job = apply(running(worker="w1", lease="L1"), Sweep(), T0 + 16, limits).job
+    job = apply(job, Allocate("w2", "L2"), T0 + 17, limits).job
+    job = apply(job, Sweep(), T0 + 40, limits).job
+    assert (job.State, job.TryNum, job.WorkerName) == (READY, 2, "w2")
+    late = Finish(out, "", worker="w1")
+    done = apply(job, late, T0 + 41, limits).job
+    assert (done.State, done.Output, done.WorkerName) == (FINISHED, out, "w1")
+    again = apply(done, late, T0 + 42, limits)
+    assert again.job is done and again.effects == (FinishRepeated(done.Id),)
+
+
+def test_a_cancelled_job_keeps_no_output_of_its_failed_try():
+    # A failure that carried an output, with a try left, then its deadline passed.
+    out = model.JobOutput(proofs=(b"p",), faults=())
+    job = apply(None, Create(make_input(), not_after=T0 + 60), T0, LIMITS).job
+    job = apply(job, Allocate("w1", "L1"), T0 + 1, LIMITS).job
+    job = apply(job, Finish(out, "half done", lease="L1"), T0 + 2, LIMITS).job
+    assert rules.retryable(job, LIMITS) and job.Output == out
+    cancelled = apply(job, Sweep(), T0 + 60, LIMITS).job
+    assert cancelled.cancelled and cancelled.Output is None
+
+
+def test_allocation_takes_the_oldest_first_among_jobs_with_the_same_deadline():
+    # Whatever their ids: the older job here has the id that sorts last.
+    first_id, last_id = sorted((make_input(seed=1), make_input(seed=2)), key=model.job_id)
+    for not_after in (None, T0 + 600):
+        old = apply(None, Create(last_id, not_after=not_after), T0 - 60, LIMITS).job
+        new = apply(None, Create(first_id, not_after=not_after), T0, LIMITS).job
+        assert new.Id < old.Id
+        assert rules.choose([new, old], AllocationSpec(), 1, T0) == [old]
+
+
+def test_a_worker_is_told_timed_out_for_a_job_taken_back_with_no_try_left():
+    # Dext.HeartbeatJobs' Reason, which a worker acts on (worker_beats.py): taken back for
+    # its silence, not "finished" as if a result had been stored.
+    job = running(worker="w1", lease="L1")
+    final = apply(job, Sweep(), T0 + 16, LIMITS_ONE_TRY).job
+    assert (final.State, final.ErrorReason) == (FINISHED, model.HEARTBEAT_TIMEOUT_REASON)
+    reason, _text = rules.stop_reason(final, "L1", T0 + 17)
+    assert reason == "timed_out"
+
+
+def test_the_limits_refuse_a_boolean_try_count_and_an_endless_time():
+    with pytest.raises(ValueError, match="JobMaxTry"):
+        JobLimits(max_try=True)
+    for name in ("heartbeat_timeout", "job_lifetime", "sweep_interval"):
+        with pytest.raises(ValueError, match=name):
+            JobLimits(**{name: float("inf")})
