@@ -321,6 +321,53 @@ def test_a_sweep_of_given_jobs_changes_those_alone(js):
     assert js.get(mine.Id).cancelled and js.get(other.Id).State == READY
 
 
+def test_a_sweep_pass_gives_its_places_only_to_jobs_it_changes(store_url):
+    # A pass takes `limit` jobs: a final failure, a job heard from just within its timeout, or
+    # one whose silence cannot count yet (heard_since) must not take a place, else a store with
+    # a pass's worth of them would never time out, retry or cancel the jobs behind them.
+    with JobStore.open(store_url, limits=rules.JobLimits(max_try=1)) as s:
+        inputs = sorted((make_input(seed=i) for i in range(3)), key=model.job_id)
+        final, heard, due = (s.create(i, T0)[0] for i in inputs)  # in the order of their ids
+        assert len(s.allocate(ANY, 3, "w1", T0)) == 3
+        s.finish(final.Id, None, "oom", T0 + 1, worker="w1")  # failed at JobMaxTry: final
+        s.heartbeat([heard.Id], "w1", T0 + 5)
+        swept = s.sweep(T0 + 20, limit=1)  # heard: 15 s ago, the timeout; due: 20 s ago
+        assert swept.effects == (rules.TimedOut(due.Id, "w1"),)
+        assert swept.wrote and [j.Id for j in swept.jobs] == [due.Id]
+        # Nobody could be heard from before T0 + 10: no running job is silent yet, and none takes a
+        # place from the failed jobs now given a try more, one per pass of one place.
+        s.limits = rules.JobLimits(max_try=2)
+        for retried in (final, due):
+            swept = s.sweep(T0 + 21, limit=1, heard_since=T0 + 10)
+            assert swept.effects == (rules.Retried(retried.Id, 1),)
+        assert s.get(heard.Id).State == RUNNING
+
+
+def test_a_sweep_or_heartbeat_says_whether_it_wrote(js):
+    # What a store refusing writes (a full disk) is told it takes them again by.
+    [job] = create_many(js, 1)
+    js.allocate(ANY, 1, "w1", T0)
+    assert not js.sweep(T0 + 5).wrote  # nothing to change
+    assert js.sweep(T0 + 16).wrote  # timed out
+    # A heartbeat of a job no longer running, from a worker last seen long ago: its worker's row
+    # is written all the same.
+    beat = js.heartbeat([job.Id], "w1", T0 + 600)
+    assert isinstance(beat.effects[0], rules.Refused) and beat.wrote
+
+
+def test_several_jobs_made_at_once_are_checked_as_one_is(js):
+    good = rules.Create(make_input(seed=1))
+    for bad, says in (
+        (rules.Create(msgspec.structs.replace(make_input(), MinerId=2**64 - 1)), r"MinerId"),
+        (rules.Create(make_input(proof_type="Stacked\x00Drg")), r"without a NUL character"),
+        (rules.Create(make_input(), deadline_idx=-1), r"DeadlineIdx -1 is out of range"),
+        (rules.Create(make_input(), not_after=float("nan")), r"not_after nan is not "),
+    ):
+        with pytest.raises(store.InvalidJob, match=says):
+            js.create_many([good, bad], T0)
+    assert js.list_jobs() == []
+
+
 def test_reset_remove_and_cleanup(js):
     _, b, _ = create_many(js, 3)
     with pytest.raises(store.JobNotFound, match="job 'nope' does not exist"):
