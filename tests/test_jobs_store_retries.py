@@ -9,6 +9,7 @@ on the store's statements makes another writer's change at the step of the race 
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -525,3 +526,16 @@ def test_a_call_frozen_before_its_commit_past_the_servers_idle_timeout_is_run_ag
         failed.value
     )
     assert pg.get(job.Id).State == RUNNING
+
+
+def test_a_store_that_cannot_be_reached_is_not_tried_again(caplog):
+    # An outage, not a transaction rolled back: each try could wait connect_timeout, and each
+    # caller meets an outage in its own way. (Even a read, which may be run again.)
+    with socket.socket() as probe:  # a loopback port with nobody listening on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    caplog.set_level(logging.INFO, logger="damocles_ext.jobs.store")
+    store = JobStore(f"postgresql://dext@127.0.0.1:{port}/jobs", connect_timeout=5)
+    with store, pytest.raises(StoreUnavailable, match="cannot reach the job store"):
+        store.get("j1")
+    assert "trying again" not in caplog.text
