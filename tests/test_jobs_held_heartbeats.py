@@ -550,3 +550,18 @@ async def test_a_failure_reading_the_jobs_table_at_the_start_stops_neither_warni
     assert "a bug in the table's read" in caplog.text
     [warned] = warnings_of(caplog)
     assert f"The holder is pid {holder.info.backend_pid} " in warned.getMessage()
+
+
+def test_a_sweep_passes_over_a_row_another_session_holds_and_acts_on_the_others(store, holder):
+    # Without SKIP LOCKED the pass waited for the row until its lock_timeout and then failed
+    # whole: one psql session left in BEGIN stopped every timeout, retry and cancellation.
+    for seed in (1, 2):
+        store.create(make_input(seed=seed), T0)
+    held, free = store.allocate(rules.AllocationSpec(), 2, WORKER, T0)
+    lock(holder, held.Id)
+    store.sweep(T0 + 100)  # both silent past HeartbeatTimeout (15 s)
+    assert store.get(free.Id).State != held.State == "running"
+    assert store.get(held.Id).State == "running"  # passed over, not waited for
+    holder.rollback()
+    store.sweep(T0 + 101)
+    assert store.get(held.Id).State == store.get(free.Id).State
