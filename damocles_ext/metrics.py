@@ -6,8 +6,8 @@ Two sources, so that an idle supervisor pays nothing between scrapes:
   hooks: `SupervisorMetrics` is given to the supervisor as an inline observer
   (`Supervisor(..., inline_observers=[m])`) only when metrics are on, and its methods run as a
   request finishes or a child exits, before the plugins' turn, never on a timer;
-* levels (states, queues, memory, and the counters the supervisor keeps anyway: restarts, CPU
-  seconds) are read when Prometheus scrapes: a custom collector asks the supervisor for
+* levels (states, queues, memory, and the counters the supervisor keeps anyway: restarts,
+  each child's requests done and failed, retries, CPU seconds) are read when Prometheus scrapes: a custom collector asks the supervisor for
   `statistics()` (on the trio thread, through `trio.from_thread`) and reads the children's
   process trees with psutil, in a worker thread.
 
@@ -282,6 +282,23 @@ class _LevelCollector:
             "Restarts of each child (counted when the restart is decided, as in `status`).",
             labels=["stage", "child"],
         )
+        done = CounterMetricFamily(
+            f"{PREFIX}_child_requests_done",
+            "Requests each child answered with an output (as `status` counts them: DONE).",
+            labels=["stage", "child"],
+        )
+        failed = CounterMetricFamily(
+            f"{PREFIX}_child_requests_failed",
+            "Requests each child answered with an error, timed out on or lost when it went down,"
+            " whether or not a retry elsewhere proved them (as `status` counts them: FAILED).",
+            labels=["stage", "child"],
+        )
+        retries = CounterMetricFamily(
+            f"{PREFIX}_request_retries",
+            "Requests queued again for another attempt after one failed (an error, a timeout,"
+            " its child lost), by stage.",
+            labels=["stage"],
+        )
         cpu = CounterMetricFamily(
             f"{PREFIX}_child_cpu_seconds",
             "User and system CPU time of each child's current process tree, never less than"
@@ -295,11 +312,14 @@ class _LevelCollector:
             in_flight.add_metric([c.stage, c.name], c.in_flight)
             capacity.add_metric([c.stage, c.name], c.capacity)
             restarts.add_metric([c.stage, c.name], c.restarts)
+            done.add_metric([c.stage, c.name], c.done)
+            failed.add_metric([c.stage, c.name], c.failed)
             benched.add_metric([c.stage, c.name], 0.0 if c.benched_for is None else 1.0)
             per_stage[c.stage] = per_stage.get(c.stage, 0) + c.in_flight
         for stage, s in sorted(stats.stages.items()):
             queued.add_metric([stage], s.queued)
             stage_in_flight.add_metric([stage], per_stage.get(stage, 0))
+            retries.add_metric([stage], s.retries)
             if s.nearest_deadline is not None:
                 deadline.add_metric([stage], s.nearest_deadline)
         roots = {c.name: c.pid for c in stats.children if c.pid is not None}
@@ -324,8 +344,11 @@ class _LevelCollector:
             in_flight,
             capacity,
             restarts,
+            done,
+            failed,
             benched,
             stage_in_flight,
+            retries,
             queued,
             deadline,
             rss,

@@ -72,6 +72,23 @@ def test_an_error_while_the_only_other_child_is_benched_is_the_answer_and_work_g
     assert out == [Send(r, "a", send.child_rid + 1)]
 
 
+def test_retries_after_an_error_and_a_child_lost_are_counted_by_stage():
+    # What damocles_ext_request_retries_total reads (Supervisor.statistics): a request queued
+    # again after a failed attempt, once per retry.
+    book = ready_book("a", "b", max_attempts=3)
+    assert book.retried == {}
+    _, [sent] = book.submit(1, window_task(), 0.0)
+    assert isinstance(sent, Send)
+    out = book.answered(sent.child, sent.child_rid, 1.0, error="CUDA error 999")
+    [retry, again] = [e for e in out if isinstance(e, (Retry, Send))]
+    assert isinstance(retry, Retry) and retry.request is sent.request
+    assert isinstance(again, Send) and again.child != sent.child
+    assert book.retried == {WD: 1}
+    out = book.child_lost(again.child, 2.0, "killed by SIGKILL")
+    assert any(isinstance(e, Retry) for e in out)
+    assert book.retried == {WD: 2}
+
+
 def test_a_job_due_sooner_than_a_waiting_retry_starts_on_the_child_the_retry_avoids():
     got = {}
     for incremental in (False, True):

@@ -334,6 +334,62 @@ PluginOptions = { seconds = 0 }
             await log.wait_for("answered its last 3 requests with an error")
 
 
+async def test_a_child_failing_now_and_then_shows_in_its_counters_though_each_retry_proved(
+    tmp_path: Path, sock_dir: Path
+):
+    # window_post#0 fails every other request (never three in a row: it is never benched),
+    # window_post#1 proves each of them again: every request is answered ok, and only the
+    # per-child counters (the same as status's DONE and FAILED) and the retries show #0.
+    cfg = write_config(
+        tmp_path,
+        """
+[[WdPost]]
+Plugin = "sleep"
+PluginOptions = { seconds = 0, fail = "every:2", load_delay = 0.3 }
+
+[[WdPost]]
+Plugin = "sleep"
+PluginOptions = { seconds = 0 }
+""",
+    )
+    path = sock_dir / "control.sock"
+    async with (
+        trio.open_nursery() as nursery,
+        running(nursery, cfg, path, "--metrics", "127.0.0.1:0") as (_run, log),
+    ):
+        with trio.fail_after(40):
+            line = await log.wait_for("metrics on http://127.0.0.1:")
+            url = line.split("metrics on ", 1)[1].strip()
+            first = await log.wait_for("): ready (")
+            await log.wait_for("): ready (", log.lines.index(first) + 1)
+            on = {"stage": "window_post"}
+            m = await scrape(url)
+            assert value(m, "damocles_ext_request_retries_total", **on) == 0  # there from the start
+            for child in ("window_post#0", "window_post#1"):
+                for name in ("done", "failed"):
+                    assert value(m, f"damocles_ext_child_requests_{name}_total", **on,
+                                 child=child) == 0  # fmt: skip
+            async with connect(path) as client:
+                for _ in range(20):  # one at a time: both idle each time
+                    await client.submit(make_task(1000))
+                status = await client.status()
+            m = await scrape(url)
+    assert value(m, "damocles_ext_requests_total", **on, outcome="ok") == 20
+    counted = {
+        child: tuple(
+            value(m, f"damocles_ext_child_requests_{name}_total", **on, child=child)
+            for name in ("done", "failed")
+        )
+        for child in ("window_post#0", "window_post#1")
+    }
+    assert counted == {c.name: (c.done, c.failed) for c in status.children}
+    flaky_done, flaky_failed = counted["window_post#0"]
+    assert flaky_failed >= 1 and flaky_done in (flaky_failed, flaky_failed + 1)
+    assert counted["window_post#1"] == (20 - flaky_done, 0)
+    # Each failure of #0 ran again on #1.
+    assert value(m, "damocles_ext_request_retries_total", **on) == flaky_failed
+
+
 async def test_a_stage_without_children_has_its_series_at_0_before_its_first_refusal(
     tmp_path: Path, sock_dir: Path
 ):

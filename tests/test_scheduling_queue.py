@@ -145,6 +145,7 @@ def test_the_book_cancels_a_job_taken_back_and_answers_its_request_once_at_no_at
     assert out == [Resolve(r2, ok, None, "ok"), Send(r3, "a", 4)]  # again, same attempt count
     assert book.answered("a", 4, 0.071, output=ok) == [Resolve(r3, ok, None, "ok")]
     assert r3.attempts == 1  # MaxAttempts = 1, and it was answered: the take back was free
+    assert book.retried == {}  # and no failed attempt: no retry counted in the metrics
     assert book.sizes() == dict.fromkeys(["requests", "attempts", "running", "queued", "alarms"], 0)
 
 

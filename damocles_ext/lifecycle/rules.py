@@ -69,6 +69,9 @@ class BookRules:
         self._attempts: dict[int, TrackedRequest] = {}  # attempt id -> request, queued or running
         self._running: dict[int, Attempt] = {}  # attempt id -> where it runs (abandoned too)
         self._queued = 0  # attempts waiting in the scheduler's queues
+        #: Requests queued again after an attempt failed (an error, a timeout, its child lost),
+        #: by stage (the metrics' retries; a take back is none).
+        self.retried: dict[str, int] = {}
         self._attempt_ids = itertools.count(1)
         self._alarms: Alarms[Due] = Alarms()
         self._decided_at = -float("inf")
@@ -296,9 +299,11 @@ class BookRules:
         free: bool = False,
         outcome: str = "error",
         level: str = "warning",
+        failure: bool = True,
     ) -> None:
         """Attempt `aid` of `req` was lost (`what`) on `process`: queue it again if it may, else
-        answer it; `level`: the retry's, for the log; `free`: the attempt's (Attempt.free)."""
+        answer it; `level`: the retry's, for the log; `free`: the attempt's (Attempt.free);
+        `failure`: the attempt failed (a retry counted in `retried`), not taken back."""
         c = process.child
         self._attempts.pop(aid, None)
         if req.done or req.attempt_id != aid:
@@ -316,6 +321,8 @@ class BookRules:
             self._resolve(req, out, now, error=error, outcome="timeout", late=True)
         elif req.attempts - req.free_tries < max_attempts:
             self._enqueue(req, now, retry=True)
+            if failure:
+                self.retried[req.stage] = self.retried.get(req.stage, 0) + 1
             of = max_attempts + req.free_tries
             out.append(Retry(req, what, req.attempts + 1, of, level, c.name, process.pid))
         else:
@@ -368,6 +375,7 @@ class BookRules:
         if retry is not None:
             req.history.append(f"attempt {req.attempts} on {c.name}: {said}")
             self._enqueue(req, now, retry=True)
+            self.retried[req.stage] = self.retried.get(req.stage, 0) + 1
             pid = attempt.process.pid
             of = max_attempts + req.free_tries
             out.append(Retry(req, retry, req.attempts + 1, of, child=c.name, pid=pid))
@@ -503,7 +511,16 @@ class BookRules:
         self._send_cancel(attempt, now, out, kill_after_grace=True)
         what = f"taken back from {process.who}, where it was {reason}"
         self._retry_or_fail(
-            req, process, aid, what, now, out, charge=False, free=attempt.free, level="info"
+            req,
+            process,
+            aid,
+            what,
+            now,
+            out,
+            charge=False,
+            free=attempt.free,
+            level="info",
+            failure=False,
         )
         return not req.done
 

@@ -69,6 +69,7 @@ class StageStats(msgspec.Struct, frozen=True):
     queued: int
     nearest_deadline: float | None  # unix seconds
     waiting_for_lock: tuple[str, ...] = ()  # locks its queue head waits for
+    retries: int = 0  # requests queued again after an attempt failed (error, timeout, child lost)
 
 
 class SupervisorStats(msgspec.Struct, frozen=True):
@@ -151,6 +152,7 @@ def build_statistics(
             queued=sched.queued.get(stage, 0),
             nearest_deadline=None if nearest is None else nearest + to_unix,
             waiting_for_lock=tuple(sched.waiting_for_lock.get(stage, ())),
+            retries=book.retried.get(stage, 0),
         )
     return SupervisorStats(
         children=child_stats,
