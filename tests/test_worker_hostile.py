@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -242,6 +243,51 @@ async def test_allocations_of_only_jobs_failing_before_a_prover_settle_at_the_id
     ended = "a job reaches a prover again, after 13 allocations of jobs that all failed before one"
     assert [line for line in lines if line.startswith("a job reaches")] == [f"{ended}, in 23 s"]
     assert worker.counters.pauses == 0
+
+
+async def test_a_wait_after_allocations_of_only_failing_jobs_shows_until_a_job_reaches_a_prover(
+    tmp_path, mock_clock
+):
+    # The 9th allocation of only jobs that fail before a prover (past the burst of 8) is waited
+    # after (30 s here): before, only a warning said so, once a spell, and the worker's status
+    # and metrics looked like an idle one's. The job the 10th brings reaches a prover, which
+    # ends the wait's rule early: no pause shows from then on.
+    from prometheus_client import CollectorRegistry
+
+    from damocles_ext.frontends.worker_control import WorkerMetrics, worker_part
+
+    def alloc(params: list, n: int) -> list:
+        return [job(f"j{n}")] if n == 10 else [unreadable(f"bad-{n}")]
+
+    def sampled(metrics: WorkerMetrics) -> dict:
+        return {
+            (s.name, tuple(s.labels.values())): s.value
+            for family in metrics.collect() for s in family.samples
+        }  # fmt: skip
+
+    settings = {"retry_base": 30.0, "idle_poll": 60.0, "ping_interval": 1000.0, "max_jobs": 1}
+    async with against(tmp_path, {"Dext.AllocateJobs": alloc}, **settings) as (coordinator, worker):
+        metrics = WorkerMetrics(worker, CollectorRegistry())
+        await until(worker, coordinator, lambda: worker.counters.delivered == 9 and not worker.held)
+        began = time.time()
+        during, part = sampled(metrics), worker_part(worker)
+        mock_clock.jump(30)
+        await until(worker, coordinator, lambda: worker.counters.delivered == 10)
+        after, part_after = sampled(metrics), worker_part(worker)
+    assert during[("damocles_ext_worker_pauses_total", ("unproved_jobs",))] == 1
+    assert during[("damocles_ext_worker_pauses_total", ("prover_failures",))] == 0
+    until_unix = during[("damocles_ext_worker_paused_until_timestamp_seconds", ())]
+    assert began < until_unix <= began + 30
+    assert (part.pauses, part.paused_reason, part.paused_until) == (1, "unproved_jobs", until_unix)
+    assert part.paused_why == (
+        "9 allocations in a row brought only jobs that fail before a prover here (last: job bad-9:"
+        " unreadable job input: Expected `object`, got `null` - at `$.Input`); taking no job for"
+        " 30 s (growing to --idle-poll) until one reaches a prover"
+    ), part.paused_why
+    assert after[("damocles_ext_worker_paused_until_timestamp_seconds", ())] == 0
+    assert after[("damocles_ext_worker_pauses_total", ("unproved_jobs",))] == 1
+    assert part_after.paused_until is part_after.paused_why is part_after.paused_reason is None
+    assert part_after.pauses == 1
 
 
 async def test_a_backlog_of_bad_jobs_from_a_damocles_manager_costs_no_wait_within_the_burst(

@@ -8,9 +8,11 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
+import time
 import urllib.request
 
 import pytest
@@ -197,6 +199,42 @@ async def test_a_scrape_after_a_pulled_and_finished_job_counts_it(rig, tmp_path)
     )  # fmt: skip
     assert float(allocations.split()[-1]) >= 1
     assert doc["worker"]["delivered"] == 1 and doc["worker"]["jobs"] == []
+
+
+async def test_a_worker_paused_by_prover_failures_says_so_in_its_metrics_and_status(rig, tmp_path):
+    # After 3 proofs failed in a row it takes no job for 30 s: before, only a log line said so,
+    # and its metrics (manager reachable, no job held) and status looked like an idle worker's.
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0, fail="always"))
+    served = Served(rig, tmp_path, kids, shutdown_grace=0.2)
+    async with serving(rig, served) as worker:
+        before = await served.scrape()
+        for seed in range(5):
+            await rig.jobs.create(job_input(seed=seed))
+        await worker.wait_for(lambda: worker.counters.pauses == 1 and not worker.held)
+        began = time.time()
+        scraped = await served.scrape()
+        doc = json.loads(await served.status("--json"))
+        table = await served.status()
+    for reason in ("prover_failures", "unproved_jobs"):  # there from the start, at 0
+        assert f'damocles_ext_worker_pauses_total{{reason="{reason}"}} 0.0' in before
+    assert "damocles_ext_worker_paused_until_timestamp_seconds 0.0" in before
+    assert 'damocles_ext_worker_pauses_total{reason="prover_failures"} 1.0' in scraped
+    assert 'damocles_ext_worker_pauses_total{reason="unproved_jobs"} 0.0' in scraped
+    [until] = [
+        float(line.split()[-1]) for line in scraped.splitlines()
+        if line.startswith("damocles_ext_worker_paused_until_timestamp_seconds ")
+    ]  # fmt: skip
+    assert began < until <= began + 30
+    part = doc["worker"]
+    assert part["pauses"] == 1 and part["paused_reason"] == "prover_failures"
+    assert abs(part["paused_until"] - until) < 1e-3 and 0 < part["paused_for"] <= 30
+    assert part["paused_why"].startswith("3 proofs failed here in a row (last: request 3 ")
+    assert part["paused_why"].endswith("taking no job for 30 s, so that other workers take them")
+    [paused] = [line for line in table.splitlines() if line.startswith("PAUSED")]
+    assert re.match(r"PAUSED until \d\d:\d\d:\d\d \(in \d+s\): 3 proofs failed here", paused), (
+        paused
+    )
+    assert table.index("worker gpu-1 pulls from") < table.index("PAUSED")
 
 
 def test_the_worker_part_renders_one_row_per_job():

@@ -68,13 +68,18 @@ from .worker_jobs import deliver, proof_of
 from .worker_ping import ping_forever
 from .worker_state import (
     ADOPTED,
+    PROVER_FAILURES,
     SAME,
+    UNPROVED_JOBS,
+    UNPROVED_PAUSED,
     HeldJob,
+    Pause,
     WorkerCounters,
     given_again,
     given_twice_line,
     no_jobs_line,
     one_per_job,
+    pause_in_force,
     read_answer,
 )
 
@@ -122,6 +127,7 @@ class Worker:
         self._idle_until = -math.inf
         self._breaker = Breaker()  # prover failures in a row: a pause
         self._unproved = UnprovedRounds(Backoff(settings.retry_base, settings.idle_poll))
+        self.pause_of: dict[str, Pause] = {}  # the latest pause of each reason (paused())
         self._sup: Supervisor | None = None
         self._dead: str | None = None  # why no child can prove any more
         self._refused: str | None = None  # why the manager refused our token, once running
@@ -406,6 +412,18 @@ class Worker:
                 self._idle(self.settings.idle_poll)
             self.touch()
 
+    def paused(self, now_unix: float | None = None) -> Pause | None:
+        """The pause in force (no job is asked for before its `until_unix`), or None. Read from
+        any thread (the metrics, on theirs)."""
+        untils = {PROVER_FAILURES: self._breaker.paused_until, UNPROVED_JOBS: self._unproved.until}
+        now = self._clock() if now_unix is None else now_unix
+        return pause_in_force(list(self.pause_of.values()), untils, now)
+
+    def _paused(self, reason: str, why: str, until: float) -> None:
+        """A pause of `reason` until `until` (trio time) begins, said by `why`."""
+        unix = self._clock() + (until - trio.current_time())
+        self.pause_of[reason] = Pause(reason, why, until, unix)
+
     def _idle(self, seconds: float) -> None:  # ask again then, or when one of our jobs ends
         self._idle_until = trio.current_time() + seconds
 
@@ -458,6 +476,7 @@ class Worker:
             failed, now = held.prover_failed, trio.current_time()
             if not self.stopping and (pause := self._breaker.outcome(failed, now, error)):
                 self.counters.pauses += 1  # prover failures in a row: no job for a while
+                self._paused(PROVER_FAILURES, pause, self._breaker.paused_until)
                 log.error("%s", pause)
             held.state, held.error = "finishing", error
             self.touch()
@@ -498,10 +517,16 @@ class Worker:
         # release never lowers).
         unheld = not held.reached_prover and held.stop_reason is None  # (no prover, not stopped)
         why, now = f"job {held.job.Id}: {held.error}", trio.current_time()
+        before = self._unproved.until
         line = self._unproved.ended(
             held.round, now, unproved=unheld and bool(held.error), why=why,
             url=self.manager_url, answered=unheld and not held.error, stopping=self.stopping,
         )  # fmt: skip
+        if (until := self._unproved.until) > before:  # a wait begins (or grows)
+            self.counters.unproved_pauses += 1
+            wait = until - now
+            paused = UNPROVED_PAUSED.format(n=self._unproved.spell, why=why, wait=wait)
+            self._paused(UNPROVED_JOBS, paused, until)
         if line is not None:  # (a spell begun; or ended by a job's faults, or by a quiet stretch)
             log.log(logging.WARNING if self._unproved.said else logging.INFO, "%s", line)
         self._idle_until = -math.inf

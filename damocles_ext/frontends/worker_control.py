@@ -19,7 +19,13 @@ from ..errors import NotStartedError, UsageError
 from ..jobs.rules import STOP_REASONS
 from ..jobs.worker_status import WorkerJobStatus, WorkerPart, lease_state
 from .listeners import ThrottledLog
-from .worker_state import LOST_REASONS, NOT_RUNNING, OTHER_REASON
+from .worker_state import (
+    LOST_REASONS,
+    NOT_RUNNING,
+    OTHER_REASON,
+    PROVER_FAILURES,
+    UNPROVED_JOBS,
+)
 
 if TYPE_CHECKING:
     import socket
@@ -49,6 +55,7 @@ def worker_part(worker: Worker, now: float | None = None) -> WorkerPart:
     """What the worker adds to the status document, as it is now."""
     now = time.time() if now is None else now
     c = worker.counters
+    pause = worker.paused(now)
     jobs = [
         WorkerJobStatus(
             id=h.job.Id,
@@ -79,6 +86,11 @@ def worker_part(worker: Worker, now: float | None = None) -> WorkerPart:
         given_up=c.given_up,
         jobs=jobs,
         sectors=None if worker.locator is None else worker.locator.status(),
+        pauses=c.pauses + c.unproved_pauses,
+        paused_until=None if pause is None else pause.until_unix,
+        paused_for=None if pause is None else max(0.0, pause.until_unix - now),
+        paused_reason=None if pause is None else pause.reason,
+        paused_why=None if pause is None else pause.why,
     )
 
 
@@ -139,6 +151,21 @@ class WorkerMetrics:
         for state in ("proving", "finishing"):
             held.add_metric([state], states.count(state))
         yield held
+        pauses = CounterMetricFamily(
+            f"{PREFIX}_pauses",
+            f"Pauses in taking jobs, by why: {PROVER_FAILURES} (proofs failed here in a row),"
+            f" {UNPROVED_JOBS} (allocations brought only jobs that fail before a prover).",
+            labels=["reason"],
+        )
+        pauses.add_metric([PROVER_FAILURES], c.pauses)
+        pauses.add_metric([UNPROVED_JOBS], c.unproved_pauses)
+        yield pauses
+        pause = self.worker.paused()
+        yield GaugeMetricFamily(
+            f"{PREFIX}_paused_until_timestamp_seconds",
+            "Unix time the worker's pause in taking jobs ends; 0 while it is not paused.",
+            value=0.0 if pause is None else pause.until_unix,
+        )
         yield GaugeMetricFamily(
             f"{PREFIX}_manager_reachable",
             "1 while the manager answers, 0 during an outage.",

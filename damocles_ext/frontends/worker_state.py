@@ -32,6 +32,38 @@ OTHER_REASON = "other"
 #: Every reason the worker counts a job taken back by (`WorkerCounters.stopped_by`).
 LOST_REASONS = (*STOP_REASONS, NOT_RUNNING, OTHER_REASON)
 
+#: Why a worker takes no job for a while (`Pause.reason`, the pauses' metric label): its prover
+#: failed jobs one after another (worker_rules.Breaker), or its allocations brought only jobs
+#: that fail before a prover (worker_rules.UnprovedRounds).
+PROVER_FAILURES, UNPROVED_JOBS = "prover_failures", "unproved_jobs"
+PAUSE_REASONS = (PROVER_FAILURES, UNPROVED_JOBS)
+#: The `why` of an UNPROVED_JOBS pause (its log line is said once a spell: this, each pause).
+UNPROVED_PAUSED = (
+    "{n} allocations in a row brought only jobs that fail before a prover here (last: {why});"
+    " taking no job for {wait:.0f} s (growing to --idle-poll) until one reaches a prover"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """A pause in taking jobs, as status and the metrics show it: no job is asked for before
+    `until_unix` while the rule that set it (`reason`) still holds it until `until` (trio time:
+    an UNPROVED_JOBS pause ends early when a job reaches a prover); `why`: what to tell."""
+
+    reason: str
+    why: str
+    until: float
+    until_unix: float
+
+
+def pause_in_force(
+    pauses: Sequence[Pause], untils: Mapping[str, float], now_unix: float
+) -> Pause | None:
+    """Of `pauses` (the latest of each reason), the one in force at `now_unix` that ends last, or
+    None; `untils`: each reason's rule's own `until` now."""
+    live = [p for p in pauses if untils.get(p.reason) == p.until and p.until_unix > now_unix]
+    return max(live, key=lambda p: p.until_unix, default=None)
+
 
 class StopSignal(msgspec.Struct, frozen=True):
     """One entry of Dext.HeartbeatJobs' answer: a job to stop, and why."""
@@ -80,6 +112,8 @@ class WorkerCounters:
     empty_allocations: int = 0  # of the allocations, those that gave no new job
     finish_retries: int = 0  # finish calls that did not get a result taken (sent again or not)
     pauses: int = 0  # pauses taken after jobs failed here in a row (worker_rules.Breaker)
+    #: Waits taken after allocations whose jobs all failed before a prover (UnprovedRounds).
+    unproved_pauses: int = 0
     stopped_by: dict[str, int] = field(default_factory=dict)  # `stopped` by the manager's reason
     #: Called with each heartbeat call's round trip in seconds (the metrics' histogram).
     on_heartbeat: Callable[[float], None] | None = None

@@ -5,6 +5,7 @@ socket): the manager it pulls from, its name, its counters and the jobs it holds
 
 from __future__ import annotations
 
+import datetime as _dt
 from collections.abc import Callable
 
 import msgspec
@@ -49,6 +50,15 @@ class WorkerPart(msgspec.Struct, frozen=True):
     jobs: list[WorkerJobStatus]
     #: The sector-location service's section (`worker --proxy`; docs/SECTORS.md), or None.
     sectors: dict[str, object] | None = None
+    #: Pauses in taking jobs since it started (after prover failures in a row, and after
+    #: allocations whose jobs all failed before a prover).
+    pauses: int = 0
+    #: While it takes no job: until when (unix seconds), for how many seconds more, the rule
+    #: (`prover_failures`, `unproved_jobs`) and why; all None when it is not paused.
+    paused_until: float | None = None
+    paused_for: float | None = None
+    paused_reason: str | None = None
+    paused_why: str | None = None
 
 
 def lease_state(lease: str | None, stop_reason: str | None) -> str:
@@ -70,6 +80,12 @@ def render_worker(part: WorkerPart, fmt: Callable[[float | None], str]) -> list[
     if part.max_jobs is not None:
         head += f", at most {part.max_jobs} at once"
     lines = ["", head]
+    if part.paused_until is not None:
+        # Shown in the reader's local time, as the supervisor's tables.
+        at = _dt.datetime.fromtimestamp(part.paused_until, _dt.UTC).astimezone()
+        left = "" if part.paused_for is None else f" (in {fmt(part.paused_for)})"
+        why = controls_escaped(part.paused_why or "")  # (a manager's or a prover's words)
+        lines.append(f"PAUSED until {at:%H:%M:%S}{left}: {why}")
     if not part.jobs:
         return [*lines, "no job held"]
     headers = ["JOB", "MINER", "DDL", "PARTITIONS", "SECTORS", "TRY", "STATE", "CHILD", "ELAPSED",
