@@ -124,6 +124,24 @@ def gpu_free_at(child: _Child, runs: list[_Running]) -> float | None:
     return end + queued_gpu_work
 
 
+def round_robin(eligible: list[tuple[float, float, _Child]]) -> _Child:
+    """The child to take a job among `eligible` ones (when its GPU frees, its load, the child):
+    of those that free first and are the least loaded, by smooth weighted round robin over
+    their weights (nginx's algorithm; ties go to the child registered first)."""
+    best_key = min([(free_at, load) for free_at, load, _ in eligible])  # (a list: one call)
+    candidates = [c for free_at, load, c in eligible if (free_at, load) == best_key]
+    total = 0
+    best: _Child | None = None
+    for c in candidates:
+        c.current_weight += c.info.weight
+        total += c.info.weight
+        if best is None or c.current_weight > best.current_weight:
+            best = c
+    assert best is not None
+    best.current_weight -= total
+    return best
+
+
 def set_slots(c: _Child, quick_run: int) -> None:
     """How many jobs `c` may hold now: its capacity, and its queue while it is quick (its last
     `quick_run` answers were; see the policy's "Quick requests"). Not with locks or pipelining:

@@ -72,6 +72,7 @@ from .children import (
     note_run,
     passed_deadlines,
     promote,
+    round_robin,
     set_slots,
     take_back_at,
     take_back_due,
@@ -591,19 +592,7 @@ class Scheduler:
             return self._pick(stage, reserved, now) if back else (None, 0)
         if len(eligible) == 1:
             return eligible[0][2], 0  # round robin among one: its weight goes up and back down
-        best_key = min([(free_at, load) for free_at, load, _ in eligible])  # (a list: one call)
-        candidates = [c for free_at, load, c in eligible if (free_at, load) == best_key]
-        # Smooth weighted round robin (nginx): ties go to the child registered first.
-        total = 0
-        best: _Child | None = None
-        for c in candidates:
-            c.current_weight += c.info.weight
-            total += c.info.weight
-            if best is None or c.current_weight > best.current_weight:
-                best = c
-        assert best is not None
-        best.current_weight -= total
-        return best, len(eligible) - 1
+        return round_robin(eligible), len(eligible) - 1
 
     def _covers(self, stage: str, now: float) -> bool:
         # One more job here leaves one for each other child that may take one (see Pipelining).
