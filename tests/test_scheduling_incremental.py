@@ -296,6 +296,12 @@ def test_jobs_held_back_or_refused_as_doomed_equal_the_full_recomputation(
     t = Twins(children)
     speed = dict(zip(sorted(c.child_id for c in children if c.stage == WD), seconds, strict=False))
     warm_up(t, speed)
+    drive(t, speed, sequence)
+
+
+def drive(t: Twins, speed: dict[str, float], sequence) -> None:
+    """Each op of `sequence` to both twins: proofs at their child's `speed` (which an op may
+    change), time going on to the next wakeup, or any other op as `Twins.step` takes it."""
     for op, decide in sequence:
         if op[0] == "prove":
             if t.running:
@@ -310,6 +316,42 @@ def test_jobs_held_back_or_refused_as_doomed_equal_the_full_recomputation(
             t.step(op, decide)
     t.decide()
     assert t.fast.statistics() == t.full.statistics()
+
+
+# WinningPoSts of a size with deadlines tight against how long each child of the stage takes:
+# once a child's runs (or its run cancelled at a deadline) say it cannot make a WinningPoSt's
+# deadline, round robin's choice of it goes to a sibling that can (doomed.py's in_time).
+WINNING = [
+    ChildSlots("win0", WIN, 1, 1),
+    ChildSlots("win1", WIN, 2, 2),
+    ChildSlots("win2", WIN, 1, 1, frozenset({"gpu0"})),
+    ChildSlots("wd0", WD, 1, 1, frozenset({"gpu0"})),
+]
+blocks = st.tuples(
+    st.just("submit"),
+    st.just(WIN),
+    st.one_of(st.none(), st.floats(0, 30), st.floats(0, 30)),
+    st.integers(-1, 1),
+    st.just(None),
+    st.sampled_from([1, 1, 2]),
+)
+urgent = st.sampled_from(
+    (blocks, blocks, blocks, proved, proved, wake, tick, elsewhere, other, faster_or_slower)
+).flatmap(lambda ops: ops)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([WITH_LOCKS, WINNING]),
+    st.lists(st.sampled_from([1.0, 6.0, 25.0]), min_size=3, max_size=3),
+    st.lists(st.tuples(urgent, st.booleans()), min_size=30, max_size=120),
+)
+def test_winning_posts_kept_off_children_too_slow_for_them_equal_the_full_recomputation(
+    children, seconds, sequence
+):
+    t = Twins(children)
+    speed = dict(zip(sorted(c.child_id for c in children if c.stage == WIN), seconds, strict=False))
+    drive(t, speed, sequence)
 
 
 # Children failing and proving, time passing: benches begin and end, children on probation.

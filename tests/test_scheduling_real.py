@@ -14,10 +14,18 @@ import pytest
 import trio
 import trio.testing
 from helpers.scheduling import GATED_CHILD, Gate, child_log, gated, submit_in_order
-from helpers.supervisor import python_child, spec, window_task, winning_task
+from helpers.supervisor import (
+    builtin_child,
+    child_stats,
+    python_child,
+    spec,
+    wait_until_real,
+    window_task,
+    winning_task,
+)
 
 from damocles_ext.api import open_supervisor
-from damocles_ext.errors import ProverError
+from damocles_ext.errors import DeadlineError, ProverError
 
 WD, WIN = "window_post", "winning_post"
 
@@ -218,3 +226,35 @@ async def test_pipelined_child_gets_its_next_job_a_vanilla_phase_before_its_gpu_
                 gate.release()
     finally:
         gate.close()
+
+
+async def test_a_winning_post_child_too_slow_for_the_deadline_gets_none_its_sibling_makes_in_time(
+    recorder, mock_clock
+):
+    # Virtual time: the sleep prover of #0 takes 25 s, #1 answers at once; each WinningPoSt has
+    # 20 s. The first goes to #0 (nothing known yet: round robin) and is cancelled at its
+    # deadline; the next ones go to #1 although #0 is idle too (round robin: every other one).
+    rec, pm = recorder
+    slow, fast = f"{WIN}#0", f"{WIN}#1"
+    children = [  # HeartbeatTimeoutSecs off: in a jump of virtual time no keep-alive can come
+        spec(builtin_child(WIN, "sleep", "seconds=25"), stage=WIN, index=0, heartbeat_timeout=0),
+        spec(builtin_child(WIN, "sleep", "seconds=0"), stage=WIN, index=1, heartbeat_timeout=0),
+    ]
+
+    async def lost() -> None:
+        with pytest.raises(DeadlineError, match=f"passed its deadline .* on {slow}"):
+            await sup.submit(winning_task(miner=1), deadline=time.time() + 20)
+
+    async with open_supervisor(children, plugin_manager=pm, stop_timeout=2.0) as sup:
+        await sup.wait_ready(WIN, count=2)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lost)
+            assert await rec.next("started") == ("started", 1, slow)
+            mock_clock.jump(21)  # no answer by its deadline: it ran 21 s at least
+            assert await rec.next("finished") == ("finished", 1, "timeout")
+        # It answers the cancel within its progress interval (0.5 s of real time): idle.
+        await wait_until_real(lambda: child_stats(sup, slow).in_flight == 0, what="cancel")
+        for miner in range(2, 6):
+            await sup.submit(winning_task(miner=miner), deadline=time.time() + 20)
+            assert await rec.next("started") == ("started", miner, fast)
+            assert await rec.next("finished") == ("finished", miner, "ok")

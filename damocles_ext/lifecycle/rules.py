@@ -19,7 +19,14 @@ from ..scheduling.policy import (
     TakeBack,
 )
 from ..stages import WINDOW_POST_SPLIT
-from ..tasks import Output, WindowPoSt, WindowPoStOutput, WindowPoStSnark, WindowPoStVanillaOutput
+from ..tasks import (
+    Output,
+    WindowPoSt,
+    WindowPoStOutput,
+    WindowPoStSnark,
+    WindowPoStVanillaOutput,
+    WinningPoSt,
+)
 from .deadlines import Alarms
 from .effects import Effect, Kill, Note, Resolve, Retry, Send, SendCancel
 from .records import (
@@ -142,8 +149,10 @@ class BookRules:
         req.attempt_id = aid
         req.current = None
         self._attempts[aid] = req
-        task = req.task  # a whole WindowPoSt is sized for doomed starts (scheduling/doomed.py)
-        sized = isinstance(task, WindowPoSt)
+        # A whole WindowPoSt is sized for doomed starts, a WinningPoSt for its child's choice
+        # (scheduling/doomed.py): its replicas and proof type.
+        task = req.task
+        sized = isinstance(task, (WindowPoSt, WinningPoSt))
         job = Job(
             aid,
             req.stage,

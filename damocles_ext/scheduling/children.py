@@ -55,7 +55,8 @@ class _Child:
     pipelined: bool = False  # a job here reported a GPU phase: see "Pipelining"
     reports_fraction: bool = False  # ... and how far it got within it
     gpu_times: deque[float] = field(default_factory=lambda: deque(maxlen=_HISTORY))
-    #: Its last proofs of sized jobs: (kind, size, seconds from its slot to its proof).
+    #: Its last proofs of sized jobs: (kind, size, seconds from its slot to its proof); and a
+    #: WinningPoSt's cancel at its deadline: the seconds it had run, at least (doomed.in_time).
     run_times: deque[tuple[str, int, float]] = field(
         default_factory=lambda: deque(maxlen=RUNS_KEPT)
     )

@@ -44,6 +44,15 @@ could not finish waits for a faster one rather than hold the slow one until its 
   estimate can doom it; it is judged only if it cannot start, for when time would change that,
   as a full recomputation says). `refuse_doomed=False`
   turns off both rules.
+* A WinningPoSt's child (`in_time`). A WinningPoSt is never refused nor held back (its block
+  does not wait), but among the children free to take it, the one round robin chose does not
+  get it when its last runs like it (up to `RUNS_KNOWN`; one is enough) all took as long as the
+  time left to its deadline or longer: a free sibling whose runs fit does, the one that would end
+  first, else one with none known, else the one that would end first of all (none makes it).
+  A WinningPoSt cancelled at its deadline teaches its child a run of at least the time it had
+  (such a child often never proves one in time), kept among its run times (no WinningPoSt is
+  judged by `estimate`'s rules, so the bound misleads none of them). With no run known of round
+  robin's choice, or when it is the only free child, nothing is looked at: the choice is today's.
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ __all__ = [
     "estimate",
     "estimates",
     "free_slot",
+    "in_time",
     "judge",
     "kept_off",
     "refusal",
@@ -86,9 +96,9 @@ class HeldBack(NamedTuple):
         return free_slot(self.skipped)
 
 
-def estimate(job: Job, child: _Child) -> float | None:
+def estimate(job: Job, child: _Child, need: int = RUNS_KNOWN) -> float | None:
     """The fastest of `child`'s last RUNS_KNOWN proofs like `job` (its proof type, as many
-    replicas or fewer), or None while it has made fewer."""
+    replicas or fewer), or None while it has made fewer than `need`."""
     known, fastest = 0, math.inf
     for kind, size, seconds in reversed(child.run_times):  # a GPU that slowed down is followed
         if kind == job.kind and size <= job.size:
@@ -96,8 +106,29 @@ def estimate(job: Job, child: _Child) -> float | None:
                 fastest = seconds
             known += 1
             if known == RUNS_KNOWN:
-                return fastest
-    return None
+                break
+    return fastest if known >= need else None
+
+
+def in_time(best: _Child, eligible: list[tuple[float, float, _Child]], job: Job) -> _Child:
+    """The child to start WinningPoSt `job` on among the `eligible` ones (when its GPU frees,
+    its load, the child), round robin having chosen `best`: `best`, unless its recent runs like
+    the job (one is enough) all took as long as the time left to its deadline or longer; then
+    the one that would end first of those whose runs fit, else the first of none known, else
+    the one that would end first (none makes it: the block is still worth the try)."""
+    assert job.deadline is not None
+    kept, pick, first = 0, best, (3, 0.0)
+    for free_at, _, c in eligible:
+        run = estimate(job, c, 1)
+        if run is None:
+            rank = (1, 0.0)
+        else:  # a run that ends at its deadline is cancelled there
+            rank = (0 if free_at + run < job.deadline else 2, free_at + run)
+        if c is best:
+            kept = rank[0]
+        if rank < first:
+            pick, first = c, rank
+    return best if kept < 2 else pick
 
 
 def estimates(job: Job, children: list[_Child], known: Known | None = None) -> Estimates:

@@ -20,7 +20,8 @@ The rules, in one place:
   job can take or extend them: when such a lock frees, the WinningPoSt goes first.
 * Choice of child. Among eligible children, the least loaded (running / capacity) first, so a job
   goes to a child that is idle now rather than queueing behind work in a busy one; among equally
-  loaded children, smooth weighted round robin over `Weight` (nginx's algorithm, deterministic).
+  loaded children, smooth weighted round robin over `Weight` (nginx's algorithm, deterministic);
+  but a WinningPoSt not to a child whose recent runs say it cannot make the deadline: `doomed.py`.
 * Deadlines. A queued job whose deadline has passed fails without reaching a prover. A running job
   past its deadline gets one `CancelRunning`; the supervisor handles the grace period and the kill.
 * Pipelining (only for children that report phases; call `progress` with the dext Progress
@@ -55,6 +56,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from . import doomed
 from .breaker import ChildBreaker
 from .children import (
     QUICK_ANSWER,
@@ -349,6 +351,8 @@ class Scheduler:
         ):
             run.cancelled = True
             rid, cid = run.job.request_id, run.child_id
+            if run.job.stage == URGENT and run.job.size and not run.behind:  # (doomed.in_time)
+                note_run(self._children[cid], run.job.kind, run.job.size, now - run.turn)
             late = f"{now - deadline:.1f}s ago while running on {cid}"
             # The book names the request (its own number is the caller's, not this one).
             out.append(CancelRunning(rid, cid, f"passed its deadline {late}"))
@@ -592,7 +596,10 @@ class Scheduler:
             return self._pick(stage, reserved, now) if back else (None, 0)
         if len(eligible) == 1:
             return eligible[0][2], 0  # round robin among one: its weight goes up and back down
-        return round_robin(eligible), len(eligible) - 1
+        best = round_robin(eligible)
+        if stage == URGENT and job is not None and job.deadline is not None and best.run_times:
+            best = doomed.in_time(best, eligible, job)  # not one too slow for its block
+        return best, len(eligible) - 1
 
     def _covers(self, stage: str, now: float) -> bool:
         # One more job here leaves one for each other child that may take one (see Pipelining).
