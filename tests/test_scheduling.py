@@ -219,6 +219,30 @@ def test_locks_are_shared_across_stages_and_released_on_child_down():
 # -- deadlines ----------------------------------------------------------------------------------
 
 
+def test_a_job_whose_deadline_passed_in_its_queue_says_what_it_waited_for():
+    # A WinningPoSt and a WindowPoSt behind a WindowPoSt holding the GPU's lock: their answers
+    # said only "deadline passed ... before the request could start", not what held them.
+    s = make(child("p", WD, capacity=2, locks={"gpu:0"}), child("w", WIN, locks={"gpu:0"}))
+    s.add_child(child("gone", WIN))  # never ready
+    s.submit(Job(1, WD, 0), 0)
+    assert starts(s.decide(0)) == [(1, "p")]
+    s.submit(Job(2, WIN, 1, deadline=10.0), 1)
+    s.submit(Job(3, WD, 1, deadline=3.0), 1)
+    assert starts(s.decide(1)) == []  # the WinningPoSt reserves the lock: the WindowPoSt waits
+    [fail] = s.decide(4.0)
+    assert fail == Fail(
+        3,
+        "deadline passed 1.0s ago before the request could start (waiting for: p: its locks kept"
+        " for a request ahead of this one); it was not sent to a prover",
+    )
+    [fail] = s.decide(10.0)
+    assert fail == Fail(
+        2,
+        "deadline passed 0.0s ago before the request could start (waiting for: w: lock gpu:0"
+        " held by p; gone: not ready (starting or restarting)); it was not sent to a prover",
+    )
+
+
 def test_queued_job_past_its_deadline_fails_without_reaching_a_prover():
     s = make(child("a"))
     s.submit(Job(1, WD, 0), 0)
@@ -229,7 +253,9 @@ def test_queued_job_past_its_deadline_fails_without_reaching_a_prover():
     assert s.decide(49.9) == []
     [fail] = s.decide(62.5)
     assert fail == Fail(
-        2, "deadline passed 12.5s ago before the request could start; it was not sent to a prover"
+        2,
+        "deadline passed 12.5s ago before the request could start (waiting for: a: busy (1"
+        " running)); it was not sent to a prover",
     )
     s.finished(1, 63)
     assert s.decide(63) == []

@@ -324,6 +324,41 @@ def cannot_serve(stage: str, children: list[_Child]) -> str | None:
     return f"no {stage} child can serve: {which} FATAL"
 
 
+def what_kept(
+    job: Job,
+    children: list[_Child],
+    lock_holders: dict[str, dict[str, int]],
+    reserved: set[str],
+    left_out: Callable[[_Child], bool],
+) -> str:
+    """What kept `job` from starting on each child of its stage (the first few), for the
+    answer of a job whose deadline passed in its queue: "window_post#0 busy (2 running);
+    winning_post#0: lock gpu:0 held by window_post#0"; "" with no child."""
+    said = []
+    for c in children:
+        cid, held = c.info.child_id, held_elsewhere(c, lock_holders)
+        if c.fatal or not c.ready:
+            what = "FATAL (it will not start)" if c.fatal else "not ready (starting or restarting)"
+        elif held:
+            by = {lock: sorted(h for h in lock_holders[lock] if h != cid) for lock in held}
+            what = "; ".join(f"lock {lock} held by {', '.join(by[lock])}" for lock in sorted(by))
+        elif job.avoid and cid in job.avoid:
+            what = "it failed this request before"
+        elif left_out(c):
+            what = "benched after errors in a row"
+        elif len(c.running) >= c.info.capacity:
+            what = f"busy ({len(c.running)} running)"
+        elif c.info.locks & reserved:
+            what = "its locks kept for a request ahead of this one"
+        else:
+            what = "free now: what held it ended too late"
+        said.append(f"{cid}: {what}")
+    if not said:
+        return ""
+    more = f"; and {len(said) - 4} more" if len(said) > 4 else ""
+    return f" (waiting for: {'; '.join(said[:4])}{more})"
+
+
 def held_elsewhere(child: _Child, lock_holders: dict[str, dict[str, int]]) -> set[str]:
     """The locks of `child` that another child holds (`lock_holders`: lock -> holders)."""
     cid = child.info.child_id

@@ -79,6 +79,7 @@ from .children import (
     take_back_at,
     take_back_due,
     timed_due,
+    what_kept,
 )
 from .decisions import (
     CancelRunning,
@@ -393,7 +394,8 @@ class Scheduler:
                 elif job.deadline is not None and now >= job.deadline:
                     self._queues.pop(queue, job)
                     late = f"{now - job.deadline:.1f}s ago before the request could start"
-                    out.append(Fail(job.request_id, f"deadline passed {late}{NOT_SENT}"))
+                    waited = what_kept(job, children, self._lock_holders, reserved, lambda c: self.breaker.left_out(c, now))  # fmt: skip
+                    out.append(Fail(job.request_id, f"deadline passed {late}{waited}{NOT_SENT}"))
                 else:
                     hold: HeldBack | None = None  # kept off the children it is doomed on
                     ests, sized = None, job.deadline is not None and job.size > 0  # (judged)
