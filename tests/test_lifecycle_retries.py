@@ -8,6 +8,7 @@ from helpers.child import window_task, winning_task
 
 from damocles_ext.lifecycle import (
     ChildLimits,
+    Kill,
     Note,
     RequestBook,
     Resolve,
@@ -403,6 +404,28 @@ def test_a_winning_posts_try_back_on_the_child_that_failed_it_keeps_its_last_att
     out = book.answered("p", hold.child_rid, 12.0, output=OK)
     (send,) = [e for e in out if isinstance(e, Send) and e.child == "w2"]
     assert book.answered("w2", send.child_rid, 13.0, output=WIN_OK)[-1] == Resolve(req, WIN_OK, None, "ok")  # fmt: skip
+
+
+def test_a_winning_posts_free_try_back_that_times_out_is_the_only_free_one():
+    # A timeout or a lost child does not end its going back (only a second error does): each
+    # try back was free, so a child that timed out each time had it back for ever.
+    book = RequestBook()
+    book.add_child("w", WIN, limits=ChildLimits(max_attempts=2, request_timeout=5.0))
+    book.child_ready("w", 0.0, protocol="dext", pid=100)
+    req, (send,) = book.submit(1, winning_task(), 0.0)
+    out = book.answered("w", send.child_rid, 1.0, error=OOM)  # tried again, on w: free
+    now, pid = 1.0, 100
+    while not any(isinstance(e, Resolve) for e in out):
+        assert now < 300, "it goes back for ever"
+        now += 6.0  # past RequestTimeoutSecs, then past the Cancel's grace: killed
+        out = book.advance(now)
+        if any(isinstance(e, Kill) for e in out):  # the driver reaps it and starts another
+            pid += 1
+            out += book.child_lost("w", now, "killed") + book.child_ready(
+                "w", now, protocol="dext", pid=pid
+            )
+    (resolve,) = [e for e in out if isinstance(e, Resolve)]
+    assert resolve.request is req and "3 attempts made" in (resolve.error or ""), resolve.error
 
 
 def test_a_winning_post_failed_by_every_child_is_answered_with_each_attempt():

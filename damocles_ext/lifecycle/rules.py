@@ -195,9 +195,11 @@ class BookRules:
         process.attempts[child_rid] = attempt
         self._running[aid] = attempt
         req.attempts += 1
+        # The first try back only (a block does not wait: the scheduler sent it back here); one
+        # that timed out or was lost would go back again, free each time, with no end.
         if req.avoid is not None and child in req.avoid and req.stage == URGENT:
-            attempt.free = True  # (a block does not wait: the scheduler sent it back here)
-            req.free_tries += 1
+            attempt.free = req.free_tries == 0
+            req.free_tries += attempt.free
         c.sent = True
         req.child = child
         req.current = attempt
