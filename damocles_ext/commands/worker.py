@@ -189,10 +189,13 @@ def _header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition(":")
     name, value = name.strip(), value.strip()
     if not sep or not HEADER_NAME.fullmatch(name):
-        # Its first word only: the rest may be a token ('Authorization Bearer TOKEN'), which
-        # would go to the journal.
-        first = re.split(r"[\s:=]", text.strip(), maxsplit=1)[0]
-        shown = f"{first!r}" + (" and more, not shown" if first != text.strip() else "")
+        # Not the text, bound for the journal: with no ':' it may be a token alone, or follow
+        # one ('Authorization Bearer TOKEN'); before a ':' only a first word that is a name.
+        first = re.split(r"\s", name, maxsplit=1)[0]
+        named = sep and HEADER_NAME.fullmatch(first)
+        shown = f"{first!r} and more, not shown" if named else "no name before its ':' (not shown)"
+        if not sep:
+            shown = "a text with no ':', not shown (it may hold a token)"
         raise argparse.ArgumentTypeError(
             f"expected 'NAME: VALUE' (an HTTP header, e.g. 'X-Site: lab-3'; its name ASCII"
             f" letters, digits and -), got {shown}"
