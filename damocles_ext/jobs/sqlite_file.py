@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
 
-from ..trusted_path import UntrustedPathError, describe_mode, resolve_trusted
+from ..trusted_path import UntrustedPathError, describe_mode, resolve_trusted, trusted_uids
 from .database import URL_HELP, StoreUnavailable, sqlite_file
 from .mounts import network_file_system
 
@@ -96,26 +97,26 @@ class FileWatch:
 
     def untrusted(self) -> str | None:
         """Why the store cannot be served from where it is: another user could change it (a
-        directory on the way theirs, or open to others' writes, or the file writable by every
-        user), and so the jobs and proofs a coordinator hands out; or None. The rule of the
-        control socket's place and --dump-dir (trusted_path.resolve_trusted)."""
+        directory on the way theirs, or open to others' writes; the file, or its -wal, -shm or
+        -journal, which SQLite replays when it opens the store, another user's or writable by
+        every user), and so the jobs and proofs a coordinator hands out; or None. The rule of
+        the control socket's place and --dump-dir (trusted_path.resolve_trusted)."""
         path = self.path.absolute()
         exists = os.path.lexists(path)
         try:
             resolved = resolve_trusted(path if exists else path.parent)
-            mode = os.stat(resolved).st_mode if exists else 0
         except UntrustedPathError as exc:
-            why = f"{exc}"
+            why: str | None = f"{exc}"
         except OSError:
             return None  # (what is missing or unreadable: the opening says)
         else:
-            if not mode & 0o002:
+            why = _foreign_file(resolved if exists else resolved / path.name)
+            if why is None:
                 return None
-            why = f"the file {resolved} (mode {describe_mode(mode)}) may be written by every user"
         return (
             f"the job store {self.where} could be changed by another user: {why}; put it where"
             " only this user or root can change it (its directory theirs, mode 0700 or 0755),"
-            " the file not writable by others (chmod o-w)"
+            " its files this user's or root's and not writable by others (chmod o-w)"
         )
 
     def log_held(self, engine: Engine, at_least: int) -> tuple[int, bool]:
@@ -226,3 +227,21 @@ class FileWatch:
             log.debug("the old store's log emptied: %s (busy, log frames, copied)", row)
         except Exception as exc:  # noqa: BLE001 - best effort
             log.warning("could not empty the old store's write-ahead log: %s", exc)
+
+
+def _foreign_file(store: Path) -> str | None:
+    """The first of the store's file and the files SQLite keeps beside it that another user
+    owns or every user may write, said; None when there is none."""
+    trusted = trusted_uids()
+    for path in (store, *(Path(f"{store}{end}") for end in ("-wal", "-shm", "-journal"))):
+        try:
+            st = os.lstat(path)
+        except OSError:  # (not there: none to replay)
+            continue
+        if st.st_uid not in trusted:
+            return f"{path} is owned by uid {st.st_uid}, not by us or root"
+        if st.st_mode & 0o002 and not stat.S_ISLNK(st.st_mode):
+            return (
+                f"the file {path} (mode {describe_mode(st.st_mode)}) may be written by every user"
+            )
+    return None
