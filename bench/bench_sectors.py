@@ -51,7 +51,8 @@ import trio
 from bench.runner import bench_parser, finish, print_table
 from damocles_ext.sectors import Bounds, SectorRef, SectorSettings
 from damocles_ext.sectors.cache import CacheRules
-from damocles_ext.sectors.locator import SectorLocator, build_providers
+from damocles_ext.sectors.locator import SectorLocator
+from damocles_ext.sectors.providers import build_providers
 
 ROOT = Path(__file__).resolve().parent.parent
 MINER = 1000

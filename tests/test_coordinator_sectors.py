@@ -18,8 +18,8 @@ from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
 from damocles_ext.frontends.sector_index import SectorIndex
 from damocles_ext.jobs.store import TrioJobStore
 from damocles_ext.sectors import SectorRef, SectorSettings
-from damocles_ext.sectors.locator import SectorLocator, build_providers
-from damocles_ext.sectors.providers import SourceNode
+from damocles_ext.sectors.locator import SectorLocator
+from damocles_ext.sectors.providers import SourceNode, build_providers
 
 MINER = 1000
 SPEC = {"AllowedMiners": [MINER], "AllowedProofTypes": ["StackedDrgWindow2KiBV1_2"]}

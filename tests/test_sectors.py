@@ -490,6 +490,46 @@ async def test_sectors_the_source_had_no_time_to_be_asked_for_say_so_not_that_th
     assert (left.share, left.asked, left.answered, left.not_asked) == (6.0, 2, 1, 2)
 
 
+@pytest.mark.parametrize("on_disk", [(3, 4), (3,)], ids=["scan-finds-all", "scan-finds-some"])
+async def test_sectors_a_source_had_no_time_for_are_said_unasked_only_if_no_provider_found_them(
+    stores, mock_clock, on_disk
+):
+    # The scan after the source was given the very sectors the source was not asked for: when
+    # it found them all, a command still said they were "skipped as faults" (prove --comm-r)
+    # or asked for a longer --timeout (sectors find).
+    for n in on_disk:
+        put_files(stores, n)
+    with GatedSource([1, 2]) as source:
+        for n in range(1, 5):
+            source.put(MINER, n, "a")
+        node = SourceNode(source.url, stores, connections=1)
+        bounds = Bounds(batch_timeout=8, lookup_timeout=5, concurrency=1)
+        answers = []
+        try:
+            locator = SectorLocator([node, StoreScan(stores)], bounds=bounds)
+            async with locator, trio.open_nursery() as nursery:
+
+                async def lookup() -> None:
+                    answers.extend(await locator.locate(refs(1, 2, 3, 4)))
+
+                nursery.start_soon(lookup)
+                await trio.to_thread.run_sync(source.asked[1].wait)
+                mock_clock.jump(2)
+                source.gates[1].set()
+                await trio.to_thread.run_sync(source.asked[2].wait)
+                mock_clock.jump(2)  # the source's share (half of 6 s) ends: 3 and 4 unasked
+        finally:
+            for gate in source.gates.values():
+                gate.set()
+    found = [a.sector.number for a in answers if a.found]
+    assert found == [1, *on_disk]
+    if on_disk == (3, 4):
+        assert locator.unasked == {}
+    else:
+        [(name, left)] = locator.unasked.items()
+        assert name == node.name and left.not_asked == 2
+
+
 # --- time bounds ----------------------------------------------------------------------------
 
 

@@ -131,7 +131,8 @@ def _sector_index(
         return SectorIndex()
     from damocles_ext.plugins import get_plugin_manager
     from damocles_ext.sectors import SectorSettings
-    from damocles_ext.sectors.locator import SectorLocator, build_providers
+    from damocles_ext.sectors.locator import SectorLocator
+    from damocles_ext.sectors.providers import build_providers
 
     settings = SectorSettings(
         proxy=args.proxy, stores=stores, headers=tuple(args.header), relay_names=True

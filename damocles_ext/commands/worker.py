@@ -344,8 +344,8 @@ def _locator(
     if args.proxy is None:
         return None
     from damocles_ext.sectors import SectorSettings
-    from damocles_ext.sectors.locator import SectorLocator, build_providers
-    from damocles_ext.sectors.providers import SourceNode, StoreScan
+    from damocles_ext.sectors.locator import SectorLocator
+    from damocles_ext.sectors.providers import SourceNode, StoreScan, build_providers
 
     from .common import check_sector_sources, sector_snapshot
 

@@ -9,9 +9,9 @@ Public API (stable; documented in docs/SECTORS.md):
   (`SectorAccessRefused`: its source refused our token),
   `SectorSettings`, `Bounds`;
 - `damocles_ext.sectors.cache` (sans-IO): `CacheRules`, `SectorCache`;
-- `damocles_ext.sectors.locator` (trio): `SectorLocator`, `open_locator`, `build_providers`;
+- `damocles_ext.sectors.locator` (trio): `SectorLocator`, `open_locator`;
 - `damocles_ext.sectors.providers` (trio): the built-in `SourceNode` (a damocles source node,
-  `Venus.SectorIndexerFind`) and `StoreScan`;
+  `Venus.SectorIndexerFind`) and `StoreScan`, and `build_providers` (the plugins' then these);
 - `damocles_ext.sectors.metrics`: `SectorMetrics` (Prometheus counters).
 - `damocles_ext.sectors.snapshot` (trio, files): `CacheSnapshot`, the cache kept across restarts.
 

@@ -69,6 +69,7 @@ from .model import (
     Unasked,
     provider_slice,
 )
+from .providers import build_providers
 
 if TYPE_CHECKING:
     from ..plugins import DextPluginManager
@@ -335,6 +336,7 @@ class SectorLocator:
         a refresh, in at most its share of each provider's slots)."""
         outcomes = {sector: _Outcome() for sector in sectors}
         left = sectors
+        never: dict[str, list[SectorRef]] = {}  # by provider: what its share left unasked
         for i, provider in enumerate(self.providers):
             if not left:
                 break
@@ -342,8 +344,13 @@ class SectorLocator:
             # A refresh takes one of its own few slots, then one of the provider's: never more
             # than `concurrency` calls to it at once in all.
             share = self._refresh_limiters[i] if background else None
-            await self._ask_one(provider, self._limiters[i], left, slice_end, outcomes, share)
+            never[provider.name] = await self._ask_one(
+                provider, self._limiters[i], left, slice_end, outcomes, share
+            )
             left = [s for s in left if outcomes[s].found is None]
+        for name, unasked in never.items():  # found by a provider after it: nothing to say
+            if unasked and all(outcomes[s].found is not None for s in unasked):
+                self.unasked.pop(name, None)
         return outcomes
 
     async def _ask_one(
@@ -354,7 +361,9 @@ class SectorLocator:
         slice_end: float,
         outcomes: dict[SectorRef, _Outcome],
         share: trio.CapacityLimiter | None = None,
-    ) -> None:
+    ) -> list[SectorRef]:
+        """Ask `provider` for `sectors` until `slice_end`; the sectors its share of the time
+        left unasked."""
         done: set[SectorRef] = set()
         started: set[SectorRef] = set()  # asked for: its lookup began (a slot was free)
         share_of_time = slice_end - trio.current_time()
@@ -444,6 +453,7 @@ class SectorLocator:
                     if sector in started
                     else unasked.detail(sector),
                 )
+        return left
 
     def _source_error(self, provider: str, outcome: _Outcome, message: str) -> None:
         outcome.errors.append(f"{provider}: {message}")
@@ -635,52 +645,6 @@ def _outages(unsaid: _Unsaid) -> str:
         f"{n} outage{'' if n == 1 else 's'} ({failed} lookup{'' if failed == 1 else 's'} failed;"
         f" the last: {unsaid.message})"
     )
-
-
-def build_providers(
-    settings: SectorSettings, plugin_manager: DextPluginManager | None = None
-) -> list[SectorProvider]:
-    """The plugins' providers (`dext_sector_providers`), then the built-in ones. UsageError
-    when a plugin's hook fails or returns something that is not a provider."""
-    from ..errors import UsageError
-    from ..plugin_blame import call_hook, raised_by, returned_by, whose
-    from .providers import builtin_providers
-
-    providers: list[SectorProvider] = []
-    if plugin_manager is not None:
-        caller = plugin_manager.hook.dext_sector_providers
-        try:
-            results, seen = call_hook(caller, settings=settings)
-        except BaseException as exc:  # a plugin's bug is reported, not a traceback
-            if passes_through(exc):
-                raise
-            hook = whose("dext_sector_providers", raised_by(caller, exc))
-            raise UsageError(f"{hook} failed: {describe(exc)}") from None
-        for result in results:
-            hook = whose("dext_sector_providers", returned_by(seen, result))
-            try:
-                given = list(result or ())
-            except TypeError:
-                given = [result]  # not a list of providers: said below
-            for provider in given:
-                try:
-                    named = isinstance(provider.name, str) and bool(provider.name)
-                except BaseException as exc:  # a property of the plugin's that raises
-                    if passes_through(exc):
-                        raise
-                    named = False
-                if not (isinstance(provider, SectorProvider) and named):
-                    raise UsageError(
-                        f"{hook} returned {text_of(provider, repr)}, which is not a"
-                        " sector provider (it needs a `name`, a non-empty str, and"
-                        " `async find(sector)`)"
-                    )
-                providers.append(provider)
-    try:
-        providers.extend(builtin_providers(settings))
-    except ValueError as exc:  # a bad --proxy address, a bad store
-        raise UsageError(str(exc)) from None
-    return providers
 
 
 async def open_locator(

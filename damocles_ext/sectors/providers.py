@@ -20,6 +20,7 @@ in worker threads with a time bound (files.py): a stalled store makes it fail, n
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 import trio
@@ -39,10 +40,14 @@ from .files import DEFAULT_THREADS, first_present, in_thread
 from .model import (
     SectorAccessRefused,
     SectorLocation,
+    SectorProvider,
     SectorProviderError,
     SectorRef,
     SectorSettings,
 )
+
+if TYPE_CHECKING:
+    from ..plugins import DextPluginManager
 
 METHOD = "Venus.SectorIndexerFind"
 #: A source call bounded on its own too, for a provider used without a locator.
@@ -294,4 +299,49 @@ def builtin_providers(
         )
     if settings.stores:
         providers.append(StoreScan(settings.stores, limiter=limiter))
+    return providers
+
+
+def build_providers(
+    settings: SectorSettings, plugin_manager: DextPluginManager | None = None
+) -> list[SectorProvider]:
+    """The plugins' providers (`dext_sector_providers`), then the built-in ones. UsageError
+    when a plugin's hook fails or returns something that is not a provider."""
+    from ..errors import UsageError, describe, passes_through, text_of
+    from ..plugin_blame import call_hook, raised_by, returned_by, whose
+
+    providers: list[SectorProvider] = []
+    if plugin_manager is not None:
+        caller = plugin_manager.hook.dext_sector_providers
+        try:
+            results, seen = call_hook(caller, settings=settings)
+        except BaseException as exc:  # a plugin's bug is reported, not a traceback
+            if passes_through(exc):
+                raise
+            hook = whose("dext_sector_providers", raised_by(caller, exc))
+            raise UsageError(f"{hook} failed: {describe(exc)}") from None
+        for result in results:
+            hook = whose("dext_sector_providers", returned_by(seen, result))
+            try:
+                given = list(result or ())
+            except TypeError:
+                given = [result]  # not a list of providers: said below
+            for provider in given:
+                try:
+                    named = isinstance(provider.name, str) and bool(provider.name)
+                except BaseException as exc:  # a property of the plugin's that raises
+                    if passes_through(exc):
+                        raise
+                    named = False
+                if not (isinstance(provider, SectorProvider) and named):
+                    raise UsageError(
+                        f"{hook} returned {text_of(provider, repr)}, which is not a"
+                        " sector provider (it needs a `name`, a non-empty str, and"
+                        " `async find(sector)`)"
+                    )
+                providers.append(provider)
+    try:
+        providers.extend(builtin_providers(settings))
+    except ValueError as exc:  # a bad --proxy address, a bad store
+        raise UsageError(str(exc)) from None
     return providers
