@@ -332,8 +332,8 @@ def what_kept(
     left_out: Callable[[_Child], bool],
 ) -> str:
     """What kept `job` from starting on each child of its stage (the first few), for the
-    answer of a job whose deadline passed in its queue: "window_post#0 busy (2 running);
-    winning_post#0: lock gpu:0 held by window_post#0"; "" with no child."""
+    answer of a job whose deadline passed in its queue: " (waiting for: window_post#0: busy (2
+    running); winning_post#0: lock gpu:0 held by window_post#0)"; "" with no child."""
     said = []
     for c in children:
         cid, held = c.info.child_id, held_elsewhere(c, lock_holders)
