@@ -280,6 +280,23 @@ def test_an_event_about_a_child_never_added_is_a_bug_of_the_caller():
         RequestBook().child_ready("ghost", 0.0, protocol="dext", pid=1)
 
 
+def test_a_request_id_the_book_holds_already_is_a_bug_of_the_caller():
+    book = book_with(("a", ChildLimits()))
+    ready(book, "a")
+    first, _ = book.submit(1, window_task(), 0.0)
+    with pytest.raises(ValueError, match="request id 1 is already in the book"):
+        book.submit(1, window_task(miner=2), 0.5)
+    assert book.answered("a", 1, 1.0, output=OK) == [Resolve(first, OK, None, "ok")]
+
+
+def test_a_request_avoiding_a_child_goes_to_another_that_can_serve_it():
+    # (A split WindowPoSt's vanilla step made again: not on the child whose proofs failed.)
+    book = book_with(("a", ChildLimits()), ("b", ChildLimits()))
+    ready(book, "a", "b")
+    req, out = book.submit(1, window_task(), 0.0, avoid=frozenset({"a"}))
+    assert out == [Send(req, "b", 1)]
+
+
 def test_an_unsendable_task_frees_the_slot_and_answers_the_request():
     book = book_with(("a", ChildLimits()))
     ready(book, "a")
@@ -385,6 +402,77 @@ def test_a_request_failing_while_a_sibling_still_serves_names_no_last_exit():
     assert book.cannot_serve("window_post") is None
 
 
+def test_a_process_replaced_before_it_was_reported_lost_gives_back_what_ran_on_it():
+    # A new process of "a" says it is ready while the book still holds the last one (a missed
+    # child_lost, a bug of the driver's): what ran on the last one is lost with it, not kept
+    # for ever, and the new one numbers its requests from 1 again.
+    book = book_with(("a", ChildLimits(max_attempts=2)))
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    out = book.child_ready("a", 1.0, protocol="dext", pid=200)
+    what = "a (pid 100) went down while running it: replaced by a new process"
+    assert out == [Retry(req, what, 2, 2, child="a", pid=100), Send(req, "a", 1)]
+    assert book.counters("a") == (0, 1)
+    assert req.lost_on == {"a"}  # (a split WindowPoSt's SNARK step: as if a refused it)
+    assert book.answered("a", 1, 2.0, output=OK) == [Resolve(req, OK, None, "ok")]
+    assert book.unanswered == 0
+
+
+def test_whether_a_process_was_sent_or_answered_anything_is_its_own_not_the_last_ones():
+    # The restart rules read them as a process ends: one that answered restarts at once and is
+    # never FATAL; one that said ready and exited with nothing sent, again and again, is.
+    book = book_with(("a", ChildLimits()))
+    ready(book, "a")
+    assert (book.sent("a"), book.served("a")) == (False, False)
+    book.submit(1, window_task(), 0.0)
+    assert (book.sent("a"), book.served("a")) == (True, False)
+    book.answered("a", 1, 1.0, error="no such sector")  # an error is an answer too
+    assert (book.sent("a"), book.served("a")) == (True, True)
+    book.child_lost("a", 2.0, "exited (code 1)")
+    assert (book.sent("a"), book.served("a")) == (True, True)  # the last process's, as it ended
+    ready(book, "a", now=3.0)
+    assert (book.sent("a"), book.served("a")) == (False, False)
+    # The answer to a request its caller left counts: the process works.
+    book.submit(2, window_task(), 4.0)
+    book.caller_gone(2, 5.0)
+    assert book.served("a") is False
+    assert book.answered("a", 1, 6.0, error="cancelled") == []
+    assert book.served("a") is True
+
+
+def test_a_process_lost_after_its_request_moved_on_leaves_the_request_as_it_is():
+    # 1 timed out on a and runs again on b; then a's process is lost. That is no news for 1: its
+    # history and a's failures are unchanged, and it is still b's (a caller gone cancels it there).
+    limits = ChildLimits(max_attempts=2, request_timeout=10.0, cancel_grace=50.0)
+    book = book_with(("a", limits), ("b", limits))
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    ready(book, "b")
+    assert kinds(book.advance(10.0)) == ["Retry", "SendCancel", "Send"]
+    assert book.child_lost("a", 11.0, "exited (code 1)") == []
+    assert req.history == ["attempt 1 timed out after 10s on a (pid 100)"]
+    assert req.lost_on == frozenset() and book.counters("a") == (0, 1)
+    out = book.caller_gone(1, 12.0)
+    assert out == [
+        Resolve(req, None, "request 1 abandoned by its caller", "cancelled"),
+        SendCancel("b", 1),
+    ]
+
+
+def test_progress_of_an_attempt_the_request_left_is_not_reported_to_its_caller():
+    limits = ChildLimits(max_attempts=2, request_timeout=10.0, cancel_grace=50.0)
+    book = book_with(("a", limits), ("b", limits))
+    ready(book, "a", "b")
+    req, _ = book.submit(1, window_task(), 0.0)
+    assert kinds(book.advance(10.0)) == ["Retry", "SendCancel", "Send"]  # now on b
+    assert book.progress("a", 1, 11.0, phase="snark", done=3, total=4) == []
+    assert book.progress("b", 1, 11.0, phase="vanilla", done=1, total=4) == [
+        ReportProgress(req, "vanilla", 1, 4)
+    ]
+    book.caller_gone(1, 12.0)
+    assert book.progress("b", 1, 13.0, phase="snark", done=2, total=4) == []
+
+
 # -- time ----------------------------------------------------------------------------------------
 
 
@@ -427,6 +515,9 @@ def test_a_child_killed_for_ignoring_a_cancel_costs_its_other_requests_no_attemp
     book.caller_gone(1, 1.0)
     (kill,) = book.advance(6.0)  # 1 still runs 5 s after its Cancel
     assert kill == Kill("a", "request 1 (child id 1) still running 5s after a Cancel", 1)
+    # The supervisor carries the Kill out: its mark_down says the child goes down, charging
+    # all (its default); the book's own word, said with the Kill, stands.
+    assert book.child_down("a", 6.1) == []
     ready(book, "b", now=6.5)
     out = book.child_lost("a", 7.0, "exited (killed by SIGKILL)")
     assert kinds(out) == ["Retry", "Send"] and out[1] == Send(other, "b", 1)
@@ -550,6 +641,29 @@ def test_a_silent_dext_child_is_killed_after_its_heartbeat_timeout():
     )
 
 
+def test_a_child_that_writes_what_is_about_no_request_is_alive_for_its_heartbeat():
+    # A line the supervisor skips, a second ready message: the child spoke.
+    book = book_with(("a", ChildLimits(heartbeat_timeout=60.0)))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    assert book.heard_from("a", 30.0) == []
+    assert book.advance(60.0) == [] and book.next_wakeup() == 90.0
+
+
+def test_a_child_whose_progress_waits_unread_after_a_stall_is_not_judged_hung():
+    # The supervisor did not run for 100 s while the child kept sending Progress: the driver
+    # tells the book it spoke (before_alarms, as supervisor/unheard.py does) before the
+    # heartbeat is judged, and its reader then reads the Progress.
+    book = book_with(("a", ChildLimits(heartbeat_timeout=60.0)))
+    book.before_alarms = lambda now: book.spoke("a", now)
+    ready(book, "a")
+    req, _ = book.submit(1, window_task(), 0.0)
+    assert book.advance(100.0) == [] and book.next_wakeup() == 160.0
+    assert book.progress("a", 1, 100.1, phase="vanilla", done=1, total=2) == [
+        ReportProgress(req, "vanilla", 1, 2)
+    ]
+
+
 def test_a_dext_child_with_no_work_is_not_judged_hung_by_its_silence():
     book = book_with(("a", ChildLimits(heartbeat_timeout=60.0)))
     ready(book, "a")
@@ -586,6 +700,17 @@ def test_a_child_that_reads_nothing_from_a_full_stdin_is_killed():
     book.stdin_blocked("a", 200.0)
     (kill,) = book.advance(260.0)
     assert isinstance(kill, Kill) and "StdinTimeoutSecs = 60" in kill.reason
+
+
+def test_a_stdin_pipe_that_fills_again_and_again_keeps_one_watch():
+    book = book_with(("a", ChildLimits(stdin_timeout=60.0)))
+    ready(book, "a")
+    book.submit(1, window_task(), 0.0)
+    for t in range(10):  # full, then drained, ten times within a StdinTimeoutSecs
+        book.stdin_blocked("a", float(t))
+        book.stdin_drained("a")
+    assert book.sizes()["alarms"] == 1
+    assert book.advance(60.0) == [] and book.sizes()["alarms"] == 0  # drained: the watch ends
 
 
 # -- the caller, and shutdown --------------------------------------------------------------------
