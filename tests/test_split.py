@@ -526,6 +526,26 @@ def test_the_children_of_a_window_post_include_the_split_steps():
     assert child_stages(VAN) == {VAN}
 
 
+async def test_a_snark_step_begun_once_the_supervisor_stopped_is_refused_not_left_waiting():
+    """A vanilla step answered just as run() ends (its grace over), its caller resuming after:
+    the SNARK step it then submits is refused, as the supervisor has stopped. Taken as one in
+    flight within the grace would be, it waited for ever: no child, no driver is left to answer
+    it."""
+    from damocles_ext.supervisor import split
+
+    children = [
+        spec(builtin_child(VAN, "echo"), stage=VAN),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK),
+    ]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post")
+    task = window_task()
+    vanilla = echo_output(split_window_post(task))
+    with trio.fail_after(10), pytest.raises(ProverError) as excinfo:
+        await split._step(sup, snark_task(task, vanilla), (None, 0, None, None), in_flight=True)
+    assert str(excinfo.value).endswith(f"({SNARK}) refused: the supervisor has stopped")
+
+
 async def test_a_request_between_its_steps_is_dispatched_to_no_child_until_its_snark_step_is():
     """Its vanilla child is done with it: on_dispatch says None (what `damocles-ext worker`'s
     status shows as the job's child) until a SNARK child takes the SNARK step, not the vanilla
