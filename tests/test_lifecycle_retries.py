@@ -428,6 +428,29 @@ def test_a_winning_posts_free_try_back_that_times_out_is_the_only_free_one():
     assert resolve.request is req and "3 attempts made" in (resolve.error or ""), resolve.error
 
 
+def test_a_winning_posts_try_back_that_times_out_keeps_its_last_attempt_for_the_sibling():
+    # Only a second error ended its going back: once its free try back on w1 timed out, the
+    # last attempt went to w1 again as soon as w1 answered the Cancel, and failed there.
+    book = RequestBook()
+    timed = ChildLimits(max_attempts=2, request_timeout=3.0)
+    for name, stage, lock in (("w1", WIN, "g0"), ("w2", WIN, "g1"), ("p", WD, "g1")):
+        limits = timed if stage == WIN else ChildLimits(max_attempts=2)
+        book.add_child(name, stage, locks=frozenset({lock}), limits=limits)
+    for i, name in enumerate(("w1", "w2", "p")):
+        book.child_ready(name, 0.0, protocol="dext", pid=100 + i)
+    _, (hold,) = book.submit(1, window_task(), 0.0)  # holds g1
+    req, (send,) = book.submit(2, winning_task(), 1.0, deadline=21.0)
+    out = book.answered("w1", send.child_rid, 2.0, error="CUDA error 999")
+    (back,) = [e for e in out if isinstance(e, Send)]
+    assert back.child == "w1"  # its free try back
+    out = book.advance(5.5)  # timed out: Cancel sent
+    out += book.answered("w1", back.child_rid, 5.6, error="cancelled")  # it obeyed
+    assert [e for e in out if isinstance(e, Send)] == []  # the last attempt waits for w2
+    out = book.answered("p", hold.child_rid, 9.0, output=OK)
+    (last,) = [e for e in out if isinstance(e, Send) and e.child == "w2"]
+    assert Resolve(req, WIN_OK, None, "ok") in book.answered("w2", last.child_rid, 10.0, output=WIN_OK)  # fmt: skip
+
+
 def test_a_winning_post_failed_by_every_child_is_answered_with_each_attempt():
     book = RequestBook()
     for name, lock in (("w1", "g0"), ("w2", "g1")):

@@ -322,6 +322,8 @@ class BookRules:
         if not charge:
             req.attempts -= 1
             req.free_tries -= free
+        elif free and failure:  # its try back timed out or was lost: its last is another's
+            req.back = False
         max_attempts = max(1, c.limits.max_attempts)
         if self.shutting_down:
             why = f"{what}, and the supervisor is shutting down, so it was not retried"
