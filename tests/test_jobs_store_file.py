@@ -488,7 +488,7 @@ def test_a_served_store_in_a_sticky_shared_directory_is_taken_when_the_file_is_o
             JobStore.open(url_of(shared / "jobs.db"), writable=True)
 
 
-@pytest.mark.parametrize("theirs", ["jobs.db", "jobs.db-wal", "jobs.db-journal"])
+@pytest.mark.parametrize("theirs", ["jobs.db", "jobs.db-wal", "jobs.db-shm", "jobs.db-journal"])
 def test_a_served_store_whose_file_or_log_another_user_owns_is_refused(tmp_path, theirs):
     # Its owner could rewrite the file; a -wal or -journal another user put beside it (in /tmp,
     # say) is replayed into the store as SQLite opens it.

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from typing import TYPE_CHECKING, Any
 
 from damocles_ext.logs import add_logging_args, setup_from_args
@@ -189,16 +188,12 @@ def _header(text: str) -> tuple[str, str]:
     name, sep, value = text.partition(":")
     name, value = name.strip(), value.strip()
     if not sep or not HEADER_NAME.fullmatch(name):
-        # Not the text, bound for the journal: with no ':' it may be a token alone, or follow
-        # one ('Authorization Bearer TOKEN'); before a ':' only a first word that is a name.
-        first = re.split(r"\s", name, maxsplit=1)[0]
-        named = sep and HEADER_NAME.fullmatch(first)
-        shown = f"{first!r} and more, not shown" if named else "no name before its ':' (not shown)"
-        if not sep:
-            shown = "a text with no ':', not shown (it may hold a token)"
+        # Not a word of it, bound for the journal: it may hold a token (alone, or after a
+        # word: 'Authorization Bearer TOKEN'; a token may look like a header's name).
+        shown = "a text with no ':'" if not sep else "no header name before its ':'"
         raise argparse.ArgumentTypeError(
             f"expected 'NAME: VALUE' (an HTTP header, e.g. 'X-Site: lab-3'; its name ASCII"
-            f" letters, digits and -), got {shown}"
+            f" letters, digits and -), got {shown} (not shown: it may hold a token)"
         )
     if (problem := header_name_problem(name)) is not None:
         raise argparse.ArgumentTypeError(problem)
