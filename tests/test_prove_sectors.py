@@ -191,7 +191,7 @@ def test_sectors_the_source_had_no_time_to_be_asked_for_are_said_so_once_with_wh
     said = re.search(
         rf"source 127\.0\.0\.1:{source.port}: its share \([0-9.]+ s\) of the [0-9.]+ s the"
         r" sectors' lookup had ran out before it was asked for (\d+) of the 40 sectors \(it"
-        r" answered 0 in that time\): they are skipped as faults; prove fewer sectors at once, or"
+        r" answered 0 in that time\): \1 are skipped as faults; prove fewer sectors at once, or"
         r" give a --deadline further away \(the lookup takes a quarter of the time to it, at most"
         r" 60 s\)\n",
         proc.stderr,

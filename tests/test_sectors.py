@@ -523,11 +523,13 @@ async def test_sectors_a_source_had_no_time_for_are_said_unasked_only_if_no_prov
                 gate.set()
     found = [a.sector.number for a in answers if a.found]
     assert found == [1, *on_disk]
+    for answer in answers[2:]:  # the source's word of them stays only on those not found
+        assert ("not asked" in answer.detail) is (not answer.found), answer.detail
     if on_disk == (3, 4):
         assert locator.unasked == {}
     else:
         [(name, left)] = locator.unasked.items()
-        assert name == node.name and left.not_asked == 2
+        assert name == node.name and (left.not_asked, left.found_later, left.missing) == (2, 1, 1)
 
 
 # --- time bounds ----------------------------------------------------------------------------

@@ -158,11 +158,12 @@ def say_unasked(unasked: Unasked, time_left: float | None) -> str:
             ", or give a --deadline further away (the lookup takes a quarter of the time to it,"
             f" at most {LOCATE_TIMEOUT:g} s)"
         )
+    later = f"; the providers after it found {unasked.found_later} of those" if unasked.found_later else ""  # fmt: skip
     log.warning(
         "%s: its share (%.1f s) of the %.1f s the sectors' lookup had ran out before it was asked"
-        " for %d of the %d sectors (it answered %d in that time): they are skipped as faults; %s",
+        " for %d of the %d sectors (it answered %d in that time%s): %d are skipped as faults; %s",
         unasked.provider, unasked.share, budget, unasked.not_asked, unasked.sectors,
-        unasked.answered, advice,
+        unasked.answered, later, unasked.missing, advice,
     )  # fmt: skip
     return f"{advice} (said above)"
 

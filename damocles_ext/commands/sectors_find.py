@@ -164,7 +164,8 @@ def run_find(args: argparse.Namespace) -> int:
             f"damocles-ext sectors find: {kind}: {name}: its share of --timeout"
             f" {go_duration(args.timeout)} ({left.share:.1f} s) ran out before it was asked for"
             f" {left.not_asked} of the {left.sectors} sectors (it answered {left.answered} in that"
-            f" time); {advice}",
+            f" time{f'; the providers after it found {left.found_later} of those' if left.found_later else ''});"
+            f" {advice}",
             file=sys.stderr,
         )
         ours = left.why.replace(UNASKED_ADVICE, advice)  # the sectors' lines: --timeout's words

@@ -45,6 +45,7 @@ next warning, else by one line once that time is over (or at close): summed up, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import posixpath
@@ -336,7 +337,7 @@ class SectorLocator:
         a refresh, in at most its share of each provider's slots)."""
         outcomes = {sector: _Outcome() for sector in sectors}
         left = sectors
-        never: dict[str, list[SectorRef]] = {}  # by provider: what its share left unasked
+        never: dict[str, dict[SectorRef, str]] = {}  # by provider: the sectors left unasked
         for i, provider in enumerate(self.providers):
             if not left:
                 break
@@ -348,9 +349,15 @@ class SectorLocator:
                 provider, self._limiters[i], left, slice_end, outcomes, share
             )
             left = [s for s in left if outcomes[s].found is None]
-        for name, unasked in never.items():  # found by a provider after it: nothing to say
-            if unasked and all(outcomes[s].found is not None for s in unasked):
-                self.unasked.pop(name, None)
+        for name, said in never.items():  # a provider after it found some: said of those no more
+            found = [sector for sector in said if outcomes[sector].found is not None]
+            for sector in found:
+                outcomes[sector].errors.remove(said[sector])
+            if (unasked := self.unasked.get(name)) is not None and found and not background:
+                if len(found) == unasked.not_asked:
+                    del self.unasked[name]
+                else:
+                    self.unasked[name] = dataclasses.replace(unasked, found_later=len(found))
         return outcomes
 
     async def _ask_one(
@@ -361,9 +368,9 @@ class SectorLocator:
         slice_end: float,
         outcomes: dict[SectorRef, _Outcome],
         share: trio.CapacityLimiter | None = None,
-    ) -> list[SectorRef]:
+    ) -> dict[SectorRef, str]:
         """Ask `provider` for `sectors` until `slice_end`; the sectors its share of the time
-        left unasked."""
+        left unasked, with the error each was given."""
         done: set[SectorRef] = set()
         started: set[SectorRef] = set()  # asked for: its lookup began (a slot was free)
         share_of_time = slice_end - trio.current_time()
@@ -453,7 +460,7 @@ class SectorLocator:
                     if sector in started
                     else unasked.detail(sector),
                 )
-        return left
+        return {sector: outcomes[sector].errors[-1] for sector in left}
 
     def _source_error(self, provider: str, outcome: _Outcome, message: str) -> None:
         outcome.errors.append(f"{provider}: {message}")

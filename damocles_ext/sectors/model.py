@@ -240,13 +240,20 @@ UNASKED_ADVICE = (
 class Unasked:
     """A provider's share of a batch's time (`share` seconds) ran out before it was asked for
     `not_asked` of the batch's sectors: they had no lookup at all, not one that timed out. It
-    was asked for the `asked` others in that time and answered `answered` of them."""
+    was asked for the `asked` others in that time and answered `answered` of them. Of those
+    it was not asked for, the providers after it found `found_later`."""
 
     provider: str
     share: float
     asked: int
     answered: int
     not_asked: int
+    found_later: int = 0
+
+    @property
+    def missing(self) -> int:
+        """The sectors it was not asked for that no provider after it found."""
+        return self.not_asked - self.found_later
 
     @property
     def sectors(self) -> int:
