@@ -288,18 +288,21 @@ def test_a_childs_cpu_counter_never_goes_back_but_for_a_restart():
     assert never_back(seen, "window_post#1", 10, 0.1) == 0.1  # per child
 
 
-async def test_a_benched_child_shows_in_its_gauge_and_in_status(tmp_path: Path, sock_dir: Path):
-    # window_post#0 fails every request at once (a GPU gone bad), window_post#1 proves.
+@contextlib.asynccontextmanager
+async def flaky_beside_healthy(tmp_path: Path, sock_dir: Path, fail: str):
+    """`run` with two sleep children, window_post#0 failing as `fail` says, window_post#1
+    proving, and its metrics: (metrics URL, control socket, log) once both children are ready
+    (else one takes every request, the other none), within 40 s."""
     cfg = write_config(
         tmp_path,
-        """
+        f"""
 [[WdPost]]
 Plugin = "sleep"
-PluginOptions = { seconds = 0, fail = "always", load_delay = 0.3 }
+PluginOptions = {{ seconds = 0, fail = "{fail}", load_delay = 0.3 }}
 
 [[WdPost]]
 Plugin = "sleep"
-PluginOptions = { seconds = 0 }
+PluginOptions = {{ seconds = 0 }}
 """,
     )
     path = sock_dir / "control.sock"
@@ -309,29 +312,33 @@ PluginOptions = { seconds = 0 }
     ):
         with trio.fail_after(40):
             line = await log.wait_for("metrics on http://127.0.0.1:")
-            url = line.split("metrics on ", 1)[1].strip()
-            # Both ready before the first request: else one takes them all, the other none.
             first = await log.wait_for("): ready (")
             await log.wait_for("): ready (", log.lines.index(first) + 1)
-            m = await scrape(url)
-            for child in ("window_post#0", "window_post#1"):
-                assert value(m, "damocles_ext_child_benched", stage="window_post", child=child) == 0
-            async with connect(path) as client:
-                failed = 0
-                for _ in range(12):  # one at a time: both idle each time, the same miner
-                    try:
-                        await client.submit(make_task(1000))
-                    except ProverError:
-                        failed += 1
-                status = await client.status()
-            assert failed == 0  # each error of #0 ran again on #1; its third benched it
-            m = await scrape(url)
-            on = {"stage": "window_post"}
-            assert value(m, "damocles_ext_child_benched", **on, child="window_post#0") == 1
-            assert value(m, "damocles_ext_child_benched", **on, child="window_post#1") == 0
-            (broken,) = [c for c in status.children if c.name == "window_post#0"]
-            assert 0 < broken.benched_for <= 30 and not broken.on_probation
-            await log.wait_for("answered its last 3 requests with an error")
+            yield line.split("metrics on ", 1)[1].strip(), path, log
+
+
+async def test_a_benched_child_shows_in_its_gauge_and_in_status(tmp_path: Path, sock_dir: Path):
+    # window_post#0 fails every request at once (a GPU gone bad), window_post#1 proves.
+    async with flaky_beside_healthy(tmp_path, sock_dir, "always") as (url, path, log):
+        m = await scrape(url)
+        for child in ("window_post#0", "window_post#1"):
+            assert value(m, "damocles_ext_child_benched", stage="window_post", child=child) == 0
+        async with connect(path) as client:
+            failed = 0
+            for _ in range(12):  # one at a time: both idle each time, the same miner
+                try:
+                    await client.submit(make_task(1000))
+                except ProverError:
+                    failed += 1
+            status = await client.status()
+        assert failed == 0  # each error of #0 ran again on #1; its third benched it
+        m = await scrape(url)
+        on = {"stage": "window_post"}
+        assert value(m, "damocles_ext_child_benched", **on, child="window_post#0") == 1
+        assert value(m, "damocles_ext_child_benched", **on, child="window_post#1") == 0
+        (broken,) = [c for c in status.children if c.name == "window_post#0"]
+        assert 0 < broken.benched_for <= 30 and not broken.on_probation
+        await log.wait_for("answered its last 3 requests with an error")
 
 
 async def test_a_child_failing_now_and_then_shows_in_its_counters_though_each_retry_proved(
@@ -340,40 +347,19 @@ async def test_a_child_failing_now_and_then_shows_in_its_counters_though_each_re
     # window_post#0 fails every other request (never three in a row: it is never benched),
     # window_post#1 proves each of them again: every request is answered ok, and only the
     # per-child counters (the same as status's DONE and FAILED) and the retries show #0.
-    cfg = write_config(
-        tmp_path,
-        """
-[[WdPost]]
-Plugin = "sleep"
-PluginOptions = { seconds = 0, fail = "every:2", load_delay = 0.3 }
-
-[[WdPost]]
-Plugin = "sleep"
-PluginOptions = { seconds = 0 }
-""",
-    )
-    path = sock_dir / "control.sock"
-    async with (
-        trio.open_nursery() as nursery,
-        running(nursery, cfg, path, "--metrics", "127.0.0.1:0") as (_run, log),
-    ):
-        with trio.fail_after(40):
-            line = await log.wait_for("metrics on http://127.0.0.1:")
-            url = line.split("metrics on ", 1)[1].strip()
-            first = await log.wait_for("): ready (")
-            await log.wait_for("): ready (", log.lines.index(first) + 1)
-            on = {"stage": "window_post"}
-            m = await scrape(url)
-            assert value(m, "damocles_ext_request_retries_total", **on) == 0  # there from the start
-            for child in ("window_post#0", "window_post#1"):
-                for name in ("done", "failed"):
-                    assert value(m, f"damocles_ext_child_requests_{name}_total", **on,
-                                 child=child) == 0  # fmt: skip
-            async with connect(path) as client:
-                for _ in range(20):  # one at a time: both idle each time
-                    await client.submit(make_task(1000))
-                status = await client.status()
-            m = await scrape(url)
+    on = {"stage": "window_post"}
+    async with flaky_beside_healthy(tmp_path, sock_dir, "every:2") as (url, path, _log):
+        m = await scrape(url)
+        assert value(m, "damocles_ext_request_retries_total", **on) == 0  # there from the start
+        for child in ("window_post#0", "window_post#1"):
+            for name in ("done", "failed"):
+                assert value(m, f"damocles_ext_child_requests_{name}_total", **on,
+                             child=child) == 0  # fmt: skip
+        async with connect(path) as client:
+            for _ in range(20):  # one at a time: both idle each time
+                await client.submit(make_task(1000))
+            status = await client.status()
+        m = await scrape(url)
     assert value(m, "damocles_ext_requests_total", **on, outcome="ok") == 20
     counted = {
         child: tuple(

@@ -443,21 +443,19 @@ async def test_a_slow_source_that_answers_other_calls_meanwhile_is_not_marked_do
     assert cut and node.down is None
 
 
-async def test_sectors_the_source_had_no_time_to_be_asked_for_say_so_not_that_they_timed_out(
-    stores, mock_clock
-):
-    """A batch larger than the source could be asked for in its share of the time: the sectors
-    never asked were each said to have had "no answer in the time this lookup had (at most 5 s)",
-    as if the source had been slow on every one (`sectors find 0-23489`, 6,400 such rows)."""
+async def lookup_past_the_sources_share(stores, mock_clock, scan: bool, share: float):
+    """Sectors 1-4 asked of a source that answers one at a time, 1 after half of its `share`,
+    and is still on 2 as its share ends; with `scan`, a scan of the stores after it. (locator,
+    source, node, answers)."""
     with GatedSource([1, 2]) as source:
         for n in range(1, 5):
             source.put(MINER, n, "a")
         node = SourceNode(source.url, stores, connections=1)
-        # One provider, one lookup at a time: its share is the batch's 8 s less a 2 s reserve.
+        # One lookup at a time; the batch's 8 s less a 2 s reserve, shared by the providers.
         bounds = Bounds(batch_timeout=8, lookup_timeout=5, concurrency=1)
-        answers = []
+        answers: list = []
         try:
-            locator = SectorLocator([node], bounds=bounds)
+            locator = SectorLocator([node, StoreScan(stores)] if scan else [node], bounds=bounds)
             async with locator, trio.open_nursery() as nursery:
 
                 async def lookup() -> None:
@@ -465,13 +463,25 @@ async def test_sectors_the_source_had_no_time_to_be_asked_for_say_so_not_that_th
 
                 nursery.start_soon(lookup)
                 await trio.to_thread.run_sync(source.asked[1].wait)
-                mock_clock.jump(3)
-                source.gates[1].set()  # sector 1 answered after 3 s
+                mock_clock.jump(share / 2)
+                source.gates[1].set()  # sector 1 answered
                 await trio.to_thread.run_sync(source.asked[2].wait)
-                mock_clock.jump(4)  # sector 2's lookup is cut at the end of the share
+                mock_clock.jump(share / 2 + 1)  # sector 2's lookup is cut at the end of the share
         finally:
             for gate in source.gates.values():
                 gate.set()
+    return locator, source, node, answers
+
+
+async def test_sectors_the_source_had_no_time_to_be_asked_for_say_so_not_that_they_timed_out(
+    stores, mock_clock
+):
+    """A batch larger than the source could be asked for in its share of the time: the sectors
+    never asked were each said to have had "no answer in the time this lookup had (at most 5 s)",
+    as if the source had been slow on every one (`sectors find 0-23489`, 6,400 such rows)."""
+    locator, source, node, answers = await lookup_past_the_sources_share(
+        stores, mock_clock, scan=False, share=6.0
+    )
     one, two, three, four = answers
     assert one.found and source.finds() == 2
     assert (
@@ -499,28 +509,12 @@ async def test_sectors_a_source_had_no_time_for_are_said_unasked_only_if_no_prov
     # or asked for a longer --timeout (sectors find).
     for n in on_disk:
         put_files(stores, n)
-    with GatedSource([1, 2]) as source:
-        for n in range(1, 5):
-            source.put(MINER, n, "a")
-        node = SourceNode(source.url, stores, connections=1)
-        bounds = Bounds(batch_timeout=8, lookup_timeout=5, concurrency=1)
-        answers = []
-        try:
-            locator = SectorLocator([node, StoreScan(stores)], bounds=bounds)
-            async with locator, trio.open_nursery() as nursery:
-
-                async def lookup() -> None:
-                    answers.extend(await locator.locate(refs(1, 2, 3, 4)))
-
-                nursery.start_soon(lookup)
-                await trio.to_thread.run_sync(source.asked[1].wait)
-                mock_clock.jump(2)
-                source.gates[1].set()
-                await trio.to_thread.run_sync(source.asked[2].wait)
-                mock_clock.jump(2)  # the source's share (half of 6 s) ends: 3 and 4 unasked
-        finally:
-            for gate in source.gates.values():
-                gate.set()
+    locator, _, node, answers = await lookup_past_the_sources_share(
+        stores,
+        mock_clock,
+        scan=True,
+        share=3.0,  # half of the 6 s: the scan has the rest
+    )
     found = [a.sector.number for a in answers if a.found]
     assert found == [1, *on_disk]
     for answer in answers[2:]:  # the source's word of them stays only on those not found
