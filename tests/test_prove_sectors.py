@@ -57,13 +57,18 @@ def test_sectors_located_through_the_source_are_proved_and_the_unknown_one_is_a_
     assert output["faults"] == [2] and output["proofs"]
     assert "sector 2 skipped (a fault)" in proc.stderr and "1 faulty sector: 2" in proc.stderr
     # The proof is of sectors 1 and 3: the same task built from the manifest verifies it.
+    verify_of_1_and_3(store, output["proofs"])
+
+
+def verify_of_1_and_3(store, proofs: list) -> None:
+    """`verify` takes `proofs` as those of sectors 1 and 3, the task built from the manifest."""
     task = store / "task.json"
     dext(
         "prove", "window_post", "--manifest", store / "s" / "manifest.json", "--seed", SEED,
         "--sectors", "1,3", "--save-request", task, "-c", store / "c.cfg", "-o", store / "x.json",
         check=0,
     )  # fmt: skip
-    (store / "proofs.json").write_text(json.dumps({"proofs": output["proofs"], "faults": []}))
+    (store / "proofs.json").write_text(json.dumps({"proofs": proofs, "faults": []}))
     dext("verify", "window_post", "--request", task, "--output", store / "proofs.json", check=0)
 
 
@@ -83,14 +88,7 @@ def test_sectors_given_as_a_range_are_proved_and_verified(store):
         )  # fmt: skip
     output = json.loads(out.read_text())
     assert output["faults"] == [2] and output["proofs"], proc.stderr
-    task = store / "task.json"
-    dext(
-        "prove", "window_post", "--manifest", store / "s" / "manifest.json", "--seed", SEED,
-        "--sectors", "1,3", "--save-request", task, "-c", store / "c.cfg", "-o", store / "x.json",
-        check=0,
-    )  # fmt: skip
-    (store / "proofs.json").write_text(json.dumps({"proofs": output["proofs"], "faults": []}))
-    dext("verify", "window_post", "--request", task, "--output", store / "proofs.json", check=0)
+    verify_of_1_and_3(store, output["proofs"])
 
 
 def test_a_deadlines_sectors_are_taken_from_a_range_or_a_file_not_an_argument_too_long(
