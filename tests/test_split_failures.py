@@ -351,8 +351,10 @@ async def test_vanilla_proofs_whose_snark_step_said_nothing_do_not_end_their_chi
         for miner in (1, 1, 1, 1):
             assert await sup.submit(window_task(miner=miner)) == echo_output(window_task(miner))
         assert child_stats(sup, "window_post_vanilla#0").done == bad.done + 2
-        with pytest.raises(ProverError, match="deadline"):
+        with pytest.raises(ProverError, match="deadline") as cut:
             await sup.submit(window_task(miner=99), deadline=time.time() + 1.0)
+        # Whatever ended its SNARK step, its answer names the child that made its proofs.
+        assert str(cut.value).endswith("; its vanilla proofs came from window_post_vanilla#0")
         assert child_stats(sup, "window_post_vanilla#0").done == bad.done + 3
         for miner in (1, 1):
             assert await sup.submit(window_task(miner=miner)) == echo_output(window_task(miner))

@@ -14,9 +14,9 @@ benched or stopped for good), one is enough: the proofs made again are the only 
 proof. A SNARK child that went down of its own fault while running the step (a crash, a hang:
 a native prover aborting on proofs it cannot read) counts here as one that answered it with an
 error: otherwise a vanilla child whose proofs crash the SNARK prover would never be blamed, and
-every request it made proofs for would fail. A SNARK step a SNARK child answered with an error
-(or went down on) names the vanilla child whose proofs it had; the answer after several rounds
-says what each said.
+every request it made proofs for would fail. A SNARK step's error names the vanilla child whose
+proofs it had, whatever ended it (an error, its child going down, a deadline, the shutdown);
+the answer after several rounds says what each said.
 
 For the breaker, a vanilla step's proofs count once its SNARK step is judged, in their place
 among their child's answers: as an error when two SNARK children or more refused them, or when
@@ -145,11 +145,12 @@ async def prove_split(sup: Supervisor, task: WindowPoSt, how: tuple[Any, ...]) -
             if snark.error is None:
                 assert isinstance(snark.output, WindowPoStSnarkOutput)
                 return join_window_post(vanilla, snark.output)
-            if not refused_by:  # a timeout, a deadline, the shutdown: nothing said of the proofs
-                raise _with_earlier(snark.error, earlier)
+            # Named whatever ended it (an operator looks for them on that child's GPU too).
             error = _rewrapped(
                 snark.error, f"{snark.error}; its vanilla proofs came from {made_by}"
             )
+            if not refused_by:  # a timeout, a deadline, the shutdown: nothing said of the proofs
+                raise _with_earlier(error, earlier)
             avoid |= {made_by}
             if not enough or rounds >= budget or not _vanilla_again(sup, avoid, deadline):
                 raise _with_earlier(error, earlier)
