@@ -451,6 +451,22 @@ def test_a_winning_posts_try_back_that_times_out_keeps_its_last_attempt_for_the_
     assert Resolve(req, WIN_OK, None, "ok") in book.answered("w2", last.child_rid, 10.0, output=WIN_OK)  # fmt: skip
 
 
+def test_a_request_whose_deadline_cuts_its_retry_says_what_its_first_attempt_said():
+    # Its answer named only the child the deadline cut: an operator read a hung GPU there and
+    # never learnt that the other had refused the request.
+    book = two_children()
+    req, (send,) = book.submit(1, window_task(), 0.0, deadline=10.0)
+    first = send.child
+    out = book.answered(first, send.child_rid, 1.0, error="RuntimeError: bad proofs")
+    (retry,) = [e for e in out if isinstance(e, Send)]
+    assert retry.child != first
+    (resolve,) = [e for e in book.advance(10.0) if isinstance(e, Resolve)]
+    assert resolve.request is req and resolve.error is not None
+    assert resolve.error.endswith(
+        f"cancelled (attempt 2; before it: attempt 1 on {first}: RuntimeError: bad proofs)"
+    ), resolve.error
+
+
 def test_a_winning_post_failed_by_every_child_is_answered_with_each_attempt():
     book = RequestBook()
     for name, lock in (("w1", "g0"), ("w2", "g1")):

@@ -503,7 +503,8 @@ class BookRules:
             req,
             out,
             now,
-            error=f"request {req.rid} ({req.stage}): {reason}; cancelled (attempt {req.attempts})",
+            error=f"request {req.rid} ({req.stage}): {reason}; cancelled (attempt {req.attempts}"
+            f"{_before(req)})",
             outcome="timeout",
             late=True,
         )
@@ -551,7 +552,7 @@ class BookRules:
             out,
             now,
             error=f"request {req.rid} ({req.stage}): its deadline passed while {process.who},"
-            f" which ran it, was going down (attempt {req.attempts})",
+            f" which ran it, was going down (attempt {req.attempts}{_before(req)})",
             outcome="timeout",
             late=True,
         )
@@ -656,3 +657,8 @@ class BookRules:
             out,
             charge_all=True,
         )
+
+
+def _before(req: TrackedRequest) -> str:
+    """What became of `req`'s earlier attempts, for the answer its last one ends with."""
+    return f"; before it: {'; '.join(req.history)}" if req.history else ""
