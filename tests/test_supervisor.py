@@ -118,6 +118,46 @@ async def test_quick_requests_queue_in_a_builtin_child_and_never_in_a_jsonl_chil
     assert most == {"window_post#0": 1 + QUEUE, "window_post#1": 1}
 
 
+async def test_a_child_offering_a_huge_queue_is_sent_no_more_than_the_supervisors_bound():
+    # The queue a Hello offers is the child's word: one offering 1000 (and answering at once,
+    # as a child must to be sent its queue) is still sent at most 16 requests beyond Concurrent.
+    child = python_child(
+        """
+        import os, sys
+        from damocles_ext.protocol import dext
+        from damocles_ext.tasks import WindowPoStOutput
+        def send(m):
+            sys.stdout.buffer.write(dext.encode(m))
+            sys.stdout.buffer.flush()
+        send(dext.Hello("dext/1", "window_post", os.getpid(), "greedy", "1", 1, 1000))
+        dec = dext.FrameDecoder()
+        while data := os.read(0, 65536):
+            for msg in dec.receive_data(data):
+                if isinstance(msg, dext.Request):
+                    send(dext.Response(msg.id, output=WindowPoStOutput([b"p"], [])))
+        """
+    )
+    most = 0
+    async with open_supervisor([spec(child)]) as sup:
+        await sup.wait_ready()
+        for miner in range(1, 21):  # quick answers: it takes its queue from now on
+            await sup.submit(window_task(miner=miner))
+
+        def dispatched(name: str | None) -> None:
+            nonlocal most
+            if name is not None:
+                most = max(most, child_stats(sup).in_flight)
+
+        async def caller() -> None:
+            for miner in range(5):
+                await sup.submit(window_task(miner=miner), on_dispatch=dispatched)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3 * (1 + QUEUE)):  # more than its bound, far fewer than its offer
+                nursery.start_soon(caller)
+    assert most == 1 + child_loop._MAX_QUEUE
+
+
 async def test_requests_that_start_together_on_a_child_go_in_one_write(tmp_path, monkeypatch):
     # A child with Concurrent = 4 that says Hello only once the test opens its gate: the four
     # requests submitted before are started by one decision, and written to it in one write.
