@@ -537,6 +537,60 @@ async def test_a_dext_child_that_stops_reading_stdin_is_killed_as_hung_under_def
     assert "StdinTimeoutSecs = 60" in failure
 
 
+# Reads its whole request (larger than its stdin pipe), reports a Progress, then answers once
+# the test writes a byte to the FIFO $CTL.
+READS_ALL_THEN_WAITS = """
+import os, sys
+from damocles_ext.protocol import dext
+from damocles_ext.tasks import WindowPoStOutput
+out = sys.stdout.buffer
+out.write(dext.encode(dext.Hello("dext/1", "window_post", os.getpid(), "slow", "1", 1)))
+out.flush()
+ctl = os.open(os.environ["CTL"], os.O_RDWR)
+dec, msgs = dext.FrameDecoder(), []
+while not msgs:
+    msgs = dec.receive_data(os.read(0, 65536))
+out.write(dext.encode(dext.Progress(msgs[0].id, "read", 0, 1)))
+out.flush()
+os.read(ctl, 1)
+out.write(dext.encode(dext.Response(msgs[0].id, output=WindowPoStOutput([b"read"], []))))
+out.flush()
+"""
+
+
+async def test_a_child_that_read_its_full_stdin_pipe_is_not_killed_as_deaf_while_it_works(
+    tmp_path, mock_clock
+):
+    # Its request filled the pipe; the child read it all, and works on it longer than
+    # StdinTimeoutSecs: nothing waits for its stdin any more, so it is no hang.
+    ctl, ack, envs = _told_fifos(tmp_path)
+    outputs: list[object] = []
+    read = trio.Event()
+
+    async def call() -> None:
+        task = _task_bigger_than_a_pipe()
+        outputs.append(await sup.submit(task, on_progress=lambda p: read.set()))
+
+    try:
+        child = spec(python_child(READS_ALL_THEN_WAITS), envs=envs, heartbeat_timeout=0.0)
+        async with open_supervisor([child]) as sup:
+            await sup.wait_ready()
+            pid = child_stats(sup).pid
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(call)
+                await read.wait()
+                await trio.testing.wait_all_tasks_blocked()  # the writer is done
+                mock_clock.jump(config.DEFAULT_STDIN_TIMEOUT + 1)
+                await trio.testing.wait_all_tasks_blocked()
+                assert child_stats(sup).state == "busy" and alive(pid)
+                os.write(ctl, b"a")
+            assert outputs[0].proofs == [b"read"]
+            assert child_stats(sup).restarts == 0
+    finally:
+        os.close(ctl)
+        os.close(ack)
+
+
 async def test_a_child_that_stops_reading_stdin_once_is_killed_and_its_request_retried(tmp_path):
     # StdinTimeoutSecs from a config file, short for a real-time test; the child plays deaf
     # on its first run only, so the retry (on its next run) gets the answer.
