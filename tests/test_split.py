@@ -20,9 +20,12 @@ from helpers.scheduling import Gate, child_log, gated, submit_in_order
 from helpers.supervisor import (
     BAD_VANILLA,
     builtin_child,
+    child_stats,
+    dext_child,
     one_bad_vanilla_child,
     spec,
     wait_until,
+    wait_until_real,
     window_task,
 )
 
@@ -600,3 +603,58 @@ async def test_a_stop_at_once_between_the_steps_runs_no_snark_step(recorder):
         [("started", 1, f"{VAN}#0")],
     )
     assert str(excinfo.value) == f"request 2 ({SNARK}) refused: the supervisor is shutting down"
+
+
+def logging_vanilla_child(seen) -> list[str]:
+    """A vanilla child that writes "request <miner>" and "cancel <id>" to `seen`; miner 1's step
+    runs until it is cancelled (it reports progress first), the others are proved at once."""
+    return dext_child(
+        """
+        log.write(f"request {msg.task.miner_id}\\n")
+        if msg.task.miner_id == 1:
+            send(dext.Progress(msg.id, "working", 0, 1))
+        else:
+            send(dext.Response(msg.id, output=WindowPoStVanillaOutput([echo_proof(msg.task)], [])))
+        """,
+        setup=f"log = open({str(seen)!r}, 'a', buffering=1)\n"
+        "from damocles_ext.tasks import WindowPoStVanillaOutput\n"
+        "from damocles_ext_plugins.testing import echo_proof",
+        stage=VAN,
+        cancel="""
+        log.write(f"cancel {msg.id}\\n")
+        send(dext.Response(msg.id, error="cancelled"))
+        """,
+    )
+
+
+async def test_a_split_window_posts_caller_cancelled_before_or_during_its_vanilla_step(tmp_path):
+    # A caller cancelled before it submits sends no child anything, and one cancelled while the
+    # vanilla step runs has that child told to stop (removing either from split._step failed
+    # no test: the unsplit path's own tests do not go through it).
+    seen = tmp_path / "seen"
+    children = [
+        spec(logging_vanilla_child(seen), stage=VAN, concurrent=2),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK),
+    ]
+    async with open_supervisor(children) as sup:
+        await sup.wait_ready("window_post", 1)
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await sup.submit(window_task(miner=2))
+        assert scope.cancelled_caught
+        running = trio.Event()
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+
+                async def first() -> None:
+                    await sup.submit(window_task(miner=1), on_progress=lambda p: running.set())
+
+                nursery.start_soon(first)
+                await running.wait()
+                scope.cancel()
+        assert scope.cancelled_caught
+        await wait_until_real(
+            lambda: child_stats(sup, f"{VAN}#0").in_flight == 0, what="the cancel answered"
+        )
+        assert await sup.submit(window_task(miner=3)) == echo_output(window_task(miner=3))
+    assert seen.read_text().splitlines() == ["request 1", "cancel 1", "request 3"]
