@@ -20,6 +20,7 @@ from helpers.scheduling import Gate, child_log, gated, submit_in_order
 from helpers.supervisor import (
     BAD_VANILLA,
     builtin_child,
+    cancel_once_running,
     child_stats,
     dext_child,
     one_bad_vanilla_child,
@@ -642,17 +643,7 @@ async def test_a_split_window_posts_caller_cancelled_before_or_during_its_vanill
             scope.cancel()
             await sup.submit(window_task(miner=2))
         assert scope.cancelled_caught
-        running = trio.Event()
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-
-                async def first() -> None:
-                    await sup.submit(window_task(miner=1), on_progress=lambda p: running.set())
-
-                nursery.start_soon(first)
-                await running.wait()
-                scope.cancel()
-        assert scope.cancelled_caught
+        await cancel_once_running(sup, window_task(miner=1))
         await wait_until_real(
             lambda: child_stats(sup, f"{VAN}#0").in_flight == 0, what="the cancel answered"
         )

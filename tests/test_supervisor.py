@@ -26,6 +26,7 @@ from damocles_ext_plugins.testing import echo_output
 from helpers.supervisor import (
     alive,
     builtin_child,
+    cancel_once_running,
     child_stats,
     dext_child,
     jsonl_child,
@@ -1283,17 +1284,7 @@ async def test_a_caller_cancelled_while_its_request_runs_has_its_child_told_to_s
     seen = tmp_path / "seen"
     async with open_supervisor([spec(logging_child(seen), concurrent=2)]) as sup:
         await sup.wait_ready()
-        running = trio.Event()
-        with trio.CancelScope() as scope:
-            async with trio.open_nursery() as nursery:
-
-                async def first() -> None:
-                    await sup.submit(window_task(miner=1), on_progress=lambda p: running.set())
-
-                nursery.start_soon(first)
-                await running.wait()
-                scope.cancel()
-        assert scope.cancelled_caught
+        await cancel_once_running(sup, window_task(miner=1))
         await wait_until_real(lambda: child_stats(sup).in_flight == 0, what="the cancel answered")
         assert (await sup.submit(window_task(miner=2))).proofs == [b"p"]  # and it serves on
         assert child_stats(sup).done == 1

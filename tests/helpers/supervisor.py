@@ -196,6 +196,21 @@ def one_bad_vanilla_child() -> list[ChildSpec]:
     ]
 
 
+async def cancel_once_running(sup, task) -> None:
+    """Submit `task` to `sup` and cancel its caller once a child reports progress on it."""
+    running = trio.Event()
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+
+            async def first() -> None:
+                await sup.submit(task, on_progress=lambda p: running.set())
+
+            nursery.start_soon(first)
+            await running.wait()
+            scope.cancel()
+    assert scope.cancelled_caught
+
+
 def child_stats(sup, name: str = "window_post#0"):
     """The `ChildStats` of the child called `name` in `sup.statistics()`."""
     return next(c for c in sup.statistics().children if c.name == name)
