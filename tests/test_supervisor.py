@@ -1291,6 +1291,34 @@ async def test_a_caller_cancelled_while_its_request_runs_has_its_child_told_to_s
     assert seen.read_text().splitlines() == ["request 1", "cancel 1", "request 2"]
 
 
+async def test_a_request_open_when_run_is_cancelled_is_answered_not_left_waiting():
+    # run() cancelled by its caller's scope (not request_shutdown) while a request runs on a
+    # child that never answers: its caller, outside that scope, is answered with an error
+    # (removing run()'s last fail_all failed no test: it waited for ever).
+    sup = Supervisor([spec(dext_child("pass"))])  # takes requests, answers none
+    answers: list[BaseException] = []
+
+    async def caller() -> None:
+        try:
+            await sup.submit(window_task(miner=1))
+        except ProverError as exc:
+            answers.append(exc)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as callers:
+            with trio.CancelScope() as run_scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(sup.run)
+                    await sup.wait_ready()
+                    callers.start_soon(caller)
+                    await wait_until_real(lambda: child_stats(sup).in_flight == 1)
+                    run_scope.cancel()
+    [answer] = answers
+    assert "request 1" in str(answer) and "the supervisor stopped before it was answered" in str(
+        answer
+    ), answer
+
+
 async def test_every_request_is_answered_once_while_a_child_is_sigkilled_repeatedly():
     handle = "time.sleep(0.01); answer(req)"
     specs = [
