@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from ..wording import some_and_more
 from .breaker import Streak
 from .decisions import ChildSlots, Decision, Job, TakeBack
 from .queues import JobQueues
@@ -353,10 +354,7 @@ def what_kept(
         else:
             what = "free now: what held it ended too late"
         said.append(f"{cid}: {what}")
-    if not said:
-        return ""
-    more = f"; and {len(said) - 4} more" if len(said) > 4 else ""
-    return f" (waiting for: {'; '.join(said[:4])}{more})"
+    return f" (waiting for: {some_and_more(said[:4], len(said), '; ')})" if said else ""
 
 
 def held_elsewhere(child: _Child, lock_holders: dict[str, dict[str, int]]) -> set[str]:
