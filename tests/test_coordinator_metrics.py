@@ -4,6 +4,7 @@ the store's summary at scrape time, scraped over real HTTP; a store that fails o
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import sqlite3
@@ -19,6 +20,7 @@ from test_metrics import scrape, value
 
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
 from damocles_ext.jobs.metrics import JobMetrics
+from damocles_ext.jobs.pings import PausedWorkers
 from damocles_ext.jobs.store import JobStore, TrioJobStore
 from damocles_ext.metrics import MetricsServer
 
@@ -37,8 +39,10 @@ class Clock:
 
 
 async def start(nursery: trio.Nursery, store: JobStore, clock: Clock, **kw):
-    metrics = JobMetrics(store, clock=clock, process_metrics=False, **kw)
-    coordinator = Coordinator(TrioJobStore(store, clock=clock), observe=metrics.observe)
+    paused = PausedWorkers(clock)  # as the command shares them
+    metrics = JobMetrics(store, clock=clock, process_metrics=False, paused_workers=paused, **kw)
+    coordinator = Coordinator(TrioJobStore(store, clock=clock), observe=metrics.observe,
+                              paused_workers=paused)  # fmt: skip
     server = CoordinatorServer(coordinator, "127.0.0.1", 0)
     metrics_server = MetricsServer(metrics, "127.0.0.1", 0)
     await nursery.start(server.serve)
@@ -246,6 +250,61 @@ async def test_a_bad_metrics_address_exits_2(tmp_path, bad):
                                 "--metrics", bad)  # fmt: skip
     assert done.returncode == 2 and b"Traceback" not in done.stderr
     assert b"--metrics" in done.stderr
+
+
+def summary_of(paused: int, threads: int = 2) -> dict:
+    """damocles-worker's WorkerInfoSummary, its keys as a Go client may spell them."""
+    return {"threads": threads, "empty": threads - paused, "paused": paused, "running": 0,
+            "waiting": 0, "errors": 0}  # fmt: skip
+
+
+async def test_a_live_worker_whose_ping_says_paused_is_shown_paused(tmp_path, caplog):
+    # A worker (ours after prover failures, a damocles-worker an operator paused) that says
+    # in its ping that its slots are Paused takes no job on them: before, the coordinator read
+    # its Name only and showed it live like any other, nothing saying it is paused.
+    caplog.set_level(logging.INFO, "damocles_ext.coordinator")
+    clock = Clock()
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
+        async with trio.open_nursery() as nursery:
+            _, client, metrics_server, _ = await start(nursery, store, clock)
+            spec = {"AllowedMiners": [], "AllowedProofTypes": []}
+            for worker in ("worker-a", "worker-b"):  # both asked for jobs: known, live
+                await client.call("Venus.WdPoStAllocateJobs", spec, 1, worker)
+
+            async def ping(name: str, **more) -> None:
+                _, answer = await client.call("Venus.WorkerPing", {"Name": name, **more})
+                assert answer == {"jsonrpc": "2.0", "id": answer["id"], "result": None}, answer
+
+            await ping("worker-a", Dest="10.0.0.1:0", summary=summary_of(2))
+            # worker-b's Summary is absent or malformed: never a failed ping, never paused.
+            for broken in ("x", None, {"Paused": -1}, {"Paused": "2"}, {"Paused": True}, [1]):
+                await ping("worker-b", Summary=broken)
+            await ping("worker-b")
+            # A sealing worker pinging: paused, but never asked for jobs, so not live.
+            await ping("sealer", Summary=summary_of(3, threads=3))
+            got = await scrape(metrics_server.url)
+            assert value(got, P + "job_workers_live") == 2
+            assert value(got, P + "job_workers_paused") == 1
+            clock.now += 600  # no ping since: neither live nor paused any more
+            got = await scrape(metrics_server.url)
+            assert value(got, P + "job_workers_paused") == 0
+            await ping("worker-a", Summary=summary_of(1))
+            await ping("worker-a", Summary=summary_of(2))  # (one line while it lasts)
+            got = await scrape(metrics_server.url)
+            assert value(got, P + "job_workers_live") == 1
+            assert value(got, P + "job_workers_paused") == 1
+            await ping("worker-a", Summary=summary_of(0))
+            got = await scrape(metrics_server.url)
+            assert value(got, P + "job_workers_paused") == 0
+            nursery.cancel_scope.cancel()
+    said = [r.getMessage() for r in caplog.records if "worker-a says" in r.getMessage()]
+    then = "(its Venus.WorkerPing): it takes no job on them until it says otherwise; see its log"
+    assert said == [
+        f"worker worker-a says 2 of its 2 job slots are paused {then} or status",
+        f"worker worker-a says 1 of its 2 job slots are paused {then} or status",
+        "worker worker-a says no job slot is paused any more (its Venus.WorkerPing)",
+    ], said
+    assert not [r for r in caplog.records if "worker-b" in r.getMessage()]
 
 
 async def test_the_dext_methods_are_counted_as_the_venus_ones_are(tmp_path):

@@ -176,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     from damocles_ext.frontends.signals import stop_signals, until_stopped, watch_signals
     from damocles_ext.frontends.watchdog import start_watchdog
     from damocles_ext.jobs.manager_config import read_settings
+    from damocles_ext.jobs.pings import PausedWorkers
     from damocles_ext.jobs.store import JobStore, StoreLost, TrioJobStore
 
     log = logging.getLogger("damocles_ext.coordinator")
@@ -203,16 +204,18 @@ def run(args: argparse.Namespace) -> int:
         JobStore.open(args.jobs, limits=settings.limits, writable=True) as store,
     ):
         metrics = metrics_server = None
+        paused = PausedWorkers()  # the workers whose pings say they are paused: both show them
         if args.metrics is not None:
             from damocles_ext.jobs.metrics import JobMetrics
             from damocles_ext.metrics import MetricsServer
 
-            metrics = JobMetrics(store)
+            metrics = JobMetrics(store, paused_workers=paused)
         coordinator = Coordinator(
             TrioJobStore(store),
             settings.stores,
             observe=None if metrics is None else metrics.observe,
             sector_index=_sector_index(args, settings.stores, snapshot),
+            paused_workers=paused,
         )
         locator = coordinator.sector_index.locator
         if metrics is not None and locator is not None:

@@ -25,6 +25,7 @@ from ..jobs.database import SQLITE_WAL_SIZE_LIMIT
 from ..jobs.log_lines import fields_of, said_of
 from ..jobs.model import JobOutput
 from ..jobs.outage import Outage
+from ..jobs.pings import PausedWorkers
 from ..jobs.silence import SLOW_CALL, Hearing
 from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, StoreLost, TrioJobStore
 from ..jobs.trio_store import SKEW_CHECK_EVERY, check_clock
@@ -96,8 +97,13 @@ class Coordinator:
         sector_index: SectorIndex | None = None,
         monotonic: Callable[[], float] | None = None,
         watch_clocks: bool = True,
+        paused_workers: PausedWorkers | None = None,
     ) -> None:
         self.store = store
+        #: The workers whose last ping said they take no job (jobs/pings.py; the metrics').
+        self.paused_workers = paused_workers or PausedWorkers(
+            lambda: store.clock()  # noqa: PLW0108 - the store's clock as it is at each ping
+        )
         #: The clock that only moves forward (trio's by default), beside the store's wall clock:
         #: the sweeps see a step of the wall clock, or a stretch in which this process did not
         #: run, by comparing them (`watch_clocks`).
@@ -251,9 +257,11 @@ class Coordinator:
     async def _WorkerPing(self, info: Any) -> None:
         log.debug("worker ping: %.200r", info)
         # damocles' WorkerInfo carries the worker's Name: a worker that asked for jobs before is
-        # alive (what `status --jobs` and the metrics count as a live worker).
+        # alive (what `status --jobs` and the metrics count as a live worker); its Summary says
+        # if it is paused (kept here, in memory: the metrics and the log show it).
         name = rpc.worker_name_of(info)
         if name and "\0" not in name:
+            self.paused_workers.heard(name, info)
             await self.store.worker_seen(name)
 
     async def sweep_forever(

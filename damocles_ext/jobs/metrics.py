@@ -9,8 +9,10 @@ Two sources, as for the supervisor's metrics (damocles_ext/metrics.py):
   `sum()` over the instances gives the whole;
 * levels: the store's summary (jobs by kind, the oldest ready job, live workers, unallocatable
   jobs; jobs/summary.py) is read when Prometheus scrapes. Those are the store's, the same from
-  every coordinator. The query runs in a thread of its own with a short timeout, one at a time;
-  a failing or slow store is `damocles_ext_jobs_store_up 0`, never a failed scrape or a crash.
+  every coordinator; but for the live workers that said in their last ping to this coordinator
+  that they are paused (jobs/pings.py: kept in its memory). The query runs in a thread of its own
+  with a short timeout, one at a time; a failing or slow store is `damocles_ext_jobs_store_up 0`,
+  never a failed scrape or a crash.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..metrics import PREFIX
 from ..threads import no_thread
 from . import rules, summary
 from .store import JobStore
+
+if TYPE_CHECKING:
+    from .pings import PausedWorkers
 
 log = logging.getLogger("damocles_ext.coordinator.metrics")
 
@@ -45,6 +50,7 @@ class JobMetrics:
         live_window: float = summary.DEFAULT_LIVE_WINDOW,
         clock: Callable[[], float] = time.time,
         process_metrics: bool = True,
+        paused_workers: PausedWorkers | None = None,
     ) -> None:
         from prometheus_client import (
             CollectorRegistry,
@@ -96,6 +102,9 @@ class JobMetrics:
         if process_metrics:
             ProcessCollector(registry=r)
         self.collector = _SummaryCollector(store, query_timeout, live_window, clock)
+        #: The workers that said they are paused (the coordinator's `paused_workers`): counted
+        #: among the live ones when given.
+        self.collector.paused_workers = paused_workers
         r.register(self.collector)
 
     def observe(self, effects: Iterable[rules.Effect]) -> None:
@@ -127,6 +136,7 @@ class _SummaryCollector:
         self._lock = threading.Lock()
         self._pending: threading.Thread | None = None
         self._was_up = True
+        self.paused_workers: PausedWorkers | None = None
 
     def describe(self) -> list[Any]:
         # Without describe(), register() would call collect() at once: a query at start.
@@ -181,6 +191,14 @@ class _SummaryCollector:
             "Workers that asked for jobs, heartbeated or pinged within the live window.",
             value=s.live_workers,
         )
+        if self.paused_workers is not None:
+            paused = self.paused_workers.names(s.time, self._live_window)
+            yield GaugeMetricFamily(
+                f"{PREFIX}_job_workers_paused",
+                "Live workers whose last Venus.WorkerPing to this coordinator said job slots"
+                " Paused (they take no job on them: prover failures, or paused by an operator).",
+                value=len({w.worker for w in s.workers} & paused),
+            )
 
     def _query(self) -> summary.JobsSummary:
         # A thread of its own, so that a store stuck past the timeout costs this scrape, not

@@ -78,8 +78,8 @@ class JobLease(msgspec.Struct, frozen=True):
 
 # The positional params of each method, by Go type; each is read as Go's json.Unmarshal reads
 # it (gojson.py: keys in any case, `null` as Go takes it). WorkerPing's workerInfo is taken as
-# any value: we keep only its name (`worker_name_of`), and a newer worker adding a field must
-# not be refused.
+# any value: we keep only its name (`worker_name_of`) and whether it says it is paused (its
+# Summary, read leniently: jobs/pings.py), and a newer worker adding a field must not be refused.
 class SectorId(msgspec.Struct, frozen=True):
     """damocles' abi.SectorID as Go decodes it: a missing field is 0, unknown fields ignored."""
 

@@ -14,6 +14,7 @@ from damocles_ext.api import open_supervisor
 from damocles_ext.frontends.worker import Worker
 from damocles_ext.frontends.worker_control import WorkerMetrics
 from damocles_ext.jobs.metrics import JobMetrics
+from damocles_ext.jobs.pings import PausedWorkers
 from damocles_ext.jobs.store import JobStore
 from damocles_ext.jobs.worker_settings import WorkerSettings
 from damocles_ext.metrics import SupervisorMetrics
@@ -98,7 +99,8 @@ async def live_families(tmp_path: Path) -> list:
         families = await trio.to_thread.run_sync(lambda: list(metrics.registry.collect()))
     store = JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}")
     try:
-        families += list(JobMetrics(store).registry.collect())
+        # As the coordinator command makes them: with the workers its pings say are paused.
+        families += list(JobMetrics(store, paused_workers=PausedWorkers()).registry.collect())
     finally:
         store.close()
     # The worker's metrics, as `worker --metrics` registers them beside its supervisor's.
