@@ -33,6 +33,13 @@ class Pinged(Coordinator):
         while len(self.pings) < count:
             await self._pinged.wait()
 
+    async def pinged_with(self, **summary: int) -> None:
+        """Until the last ping's Summary has these counts."""
+        while not self.pings or any(
+            self.pings[-1][0]["Summary"][k] != v for k, v in summary.items()
+        ):
+            await self._pinged.wait()
+
     async def handle(self, call):
         if call.method == "Venus.WorkerPing":
             self.pings.append(call.params)
@@ -112,6 +119,11 @@ def test_worker_info_counts_slots_as_damocles_counts_threads():
     assert info.Dest == "[fe80::1]:0" and info.Version == "damocles-ext v1.2"
     s = info.Summary
     assert (s.Threads, s.Empty, s.Running, s.Waiting, s.Errors, s.Paused) == (4, 1, 2, 1, 1, 0)
+    # Paused (taking no job): its free slot is Paused, not Empty; the rest as they are.
+    info = worker_info("w", "h", "1.2", slots=4, proving=2, finishing=1, children_down=1,
+                       paused=True)  # fmt: skip
+    s = info.Summary
+    assert (s.Threads, s.Empty, s.Running, s.Waiting, s.Errors, s.Paused) == (4, 0, 2, 1, 1, 1)
 
 
 async def test_a_worker_whose_clock_is_off_the_managers_is_warned_once(tmp_path, caplog):
@@ -183,3 +195,34 @@ async def test_a_split_workers_ping_counts_a_snark_child_that_is_down_among_its_
         rig.close()
     [info] = rig.coordinator.pings[-1]
     assert (info["Summary"]["Threads"], info["Summary"]["Errors"]) == (1, 1), info
+
+
+async def test_a_paused_workers_ping_reports_its_free_slots_paused_at_once(tmp_path):
+    # 3 proofs failed in a row: the worker takes no job for 30 s. damocles-manager's worker
+    # list (and our coordinator) must see that, not free slots of an idle worker; and at once,
+    # not at the next ping, 30 s later, when a first pause of 30 s is over.
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=Pinged)
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", concurrent=2, seconds=0,
+                                           fail="always"))  # fmt: skip
+    worker = Worker(rig.settings(kids, ping_interval=600))
+    for seed in range(5):
+        await rig.jobs.create(job_input(seed=seed))
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                running = await start_worker(nursery, worker)
+                await worker.wait_for(lambda: worker.counters.pauses == 1 and not worker.held)
+                # Pinged as it paused and as its slots freed, not 600 s later.
+                await rig.coordinator.pinged_with(Paused=2)
+                paused = rig.coordinator.paused_workers.names(time.time())
+                await running.stop()
+                nursery.cancel_scope.cancel()
+    finally:
+        rig.close()
+    assert worker.paused() is not None
+    [info] = rig.coordinator.pings[-1]
+    assert info["Summary"] == {
+        "Threads": 2, "Empty": 0, "Paused": 2, "Running": 0, "Waiting": 0, "Errors": 0,
+    }  # fmt: skip
+    assert paused == {"gpu-1"}  # the coordinator that took the ping shows it paused

@@ -1,26 +1,29 @@
 """The worker's `Venus.WorkerPing` loop: every ping_interval, damocles' WorkerInfo, as
 damocles-worker sends it, so that damocles-manager's worker list shows this worker and our
-coordinator keeps an idle one live. A failing ping is logged once per outage, never fatal.
+coordinator keeps an idle one live; and at once when its Paused slots change (while it takes no
+job, its free slots are Paused, not Empty: a pause begins or ends, a slot frees during one). A
+failing ping is logged once per outage, never fatal.
 
 It sees the worker through `Pinging` alone (what it reads of it, and what it tells it), and
 sends on the connection it is given (the pings' own)."""
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from .. import __version__
 from ..jobs.client import RpcCallError, RpcClientError, local_address_towards, manager_down
-from ..jobs.worker_rules import worker_info
+from ..jobs.worker_rules import WorkerInfo, worker_info
 
 if TYPE_CHECKING:
     from ..jobs.client import RpcClient
     from ..jobs.endpoint import Endpoint
-    from .worker_state import HeldJob, WorkerCounters
+    from .worker_state import HeldJob, Pause, WorkerCounters
 
 log = logging.getLogger("damocles_ext.worker")
 
@@ -49,6 +52,14 @@ class Pinging(Protocol):
         """The wall clock (compared with the manager's)."""
         ...
 
+    def paused(self) -> Pause | None:
+        """The pause in taking jobs in force now, or None."""
+        ...
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        """Wait until `condition()` holds; it is looked at after each change of the worker."""
+        ...
+
     def touch(self) -> None:
         """Something changed: the worker's waiters look again."""
         ...
@@ -67,7 +78,9 @@ class Pinging(Protocol):
 async def ping_forever(
     worker: Pinging, pings: RpcClient, endpoint: Endpoint, interval: float
 ) -> None:
-    """Every `interval`, ping the manager on `pings` (first at once)."""
+    """Every `interval`, ping the manager on `pings` (first at once), and at once when the
+    slots it would say Paused change (a pause begins or ends, a slot frees during one): the
+    manager's list shows a pause of 30 s while it lasts."""
     # damocles-manager's worker list shows the workers that ping it; the coordinator keeps
     # an idle worker (no allocation for idle_poll, no job to heartbeat) live by it.
     address = worker.address
@@ -85,7 +98,7 @@ async def ping_forever(
             worker.name, address, __version__, slots=worker.slots(),
             proving=sum(h.state == "proving" for h in held),
             finishing=sum(h.state == "finishing" for h in held),
-            children_down=worker.children_down(),
+            children_down=worker.children_down(), paused=worker.paused() is not None,
         )  # fmt: skip
         try:
             await pings.call("Venus.WorkerPing", info)
@@ -113,7 +126,22 @@ async def ping_forever(
             worker.counters.pings += 1
             worker.touch()
             skewed = check_skew(pings.server_date, worker.now(), skewed)
-        await trio.sleep(interval)
+        with trio.move_on_after(interval):
+            # (A pause begins with a failure, a slot frees with a result, a pause ends with an
+            # allocation: each changes the worker.)
+            await worker.wait_for(functools.partial(_paused_other_than, worker, info))
+
+
+def _paused_other_than(worker: Pinging, sent: WorkerInfo) -> bool:
+    return paused_slots(worker) != sent.Summary.Paused
+
+
+def paused_slots(worker: Pinging) -> int:
+    """The slots the worker's ping says Paused now: its free ones while it takes no job."""
+    if worker.paused() is None:
+        return 0
+    busy = sum(h.state in ("proving", "finishing") for h in worker.held.values())
+    return max(0, worker.slots() - busy)
 
 
 #: A worker whose clock is this far from its manager's (the Date of the ping's answer, to the

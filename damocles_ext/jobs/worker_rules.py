@@ -370,7 +370,9 @@ NO_WORKER_RPC_PORT = 0
 class WorkerInfoSummary(msgspec.Struct, frozen=True):
     """damocles' WorkerInfoSummary, as its worker list shows it. damocles-worker counts sealing
     threads; here a thread is a job slot: Running proving, Waiting a result being delivered,
-    Empty free, Errors a WindowPoSt child that is down (no pause here, Paused stays 0)."""
+    Empty free, Paused free but not taking jobs (the worker pauses after prover failures or
+    allocations of jobs that all failed before a prover: its free slots are Paused, not Empty,
+    while it lasts), Errors a WindowPoSt child that is down."""
 
     Threads: int
     Empty: int
@@ -392,14 +394,16 @@ class WorkerInfo(msgspec.Struct, frozen=True):
 
 def worker_info(
     name: str, address: str, version: str, *, slots: int, proving: int, finishing: int,
-    children_down: int,
+    children_down: int, paused: bool = False,
 ) -> WorkerInfo:  # fmt: skip
-    """The ping of a worker with `slots` job slots holding `proving` + `finishing` jobs."""
+    """The ping of a worker with `slots` job slots holding `proving` + `finishing` jobs; while
+    it is `paused` (takes no job), its free slots are Paused."""
     host = f"[{address}]" if ":" in address else address
+    free = max(0, slots - proving - finishing)
     summary = WorkerInfoSummary(
         Threads=slots,
-        Empty=max(0, slots - proving - finishing),
-        Paused=0,
+        Empty=0 if paused else free,
+        Paused=free if paused else 0,
         Running=proving,
         Waiting=finishing,
         Errors=children_down,
