@@ -258,3 +258,50 @@ async def test_a_winning_post_child_too_slow_for_the_deadline_gets_none_its_sibl
             await sup.submit(winning_task(miner=miner), deadline=time.time() + 20)
             assert await rec.next("started") == ("started", miner, fast)
             assert await rec.next("finished") == ("finished", miner, "ok")
+
+
+TWO_SLOTS_CHILD = GATED_CHILD.replace('"gated", "1", 1))', '"gated", "1", 2))')
+
+
+async def test_a_queued_request_whose_caller_went_away_frees_the_lock_it_kept_at_once(
+    tmp_path, recorder
+):
+    # A WinningPoSt waiting for gpu:0 keeps it from the WindowPoSts queued behind it, though
+    # the WindowPoSt child holding gpu:0 has a slot free. Its caller going away must let the
+    # WindowPoSt start at once, not when something else happens (removing the dispatch of
+    # the book's caller_gone failed no test before: the WindowPoSt waited for request 1).
+    rec, pm = recorder
+    log = tmp_path / "log"
+    log.touch()
+    wd_gate, win_gate = Gate(tmp_path / "wd"), Gate(tmp_path / "win")
+    wd_argv = [*python_child(TWO_SLOTS_CHILD), WD, f"{WD}#0", str(wd_gate.path), str(log)]
+    children = [
+        spec(wd_argv, stage=WD, concurrent=2, locks=("gpu:0",)),
+        gated(tmp_path, WIN, 0, win_gate, log, locks=("gpu:0",)),
+    ]
+    try:
+        async with open_supervisor(children, plugin_manager=pm, stop_timeout=2.0) as sup:
+            await sup.wait_ready(WD)
+            await sup.wait_ready(WIN)
+            async with trio.open_nursery() as nursery:
+                await submit_in_order(sup, nursery, [(window_task(miner=1), None)])
+                assert await rec.next("started") == ("started", 1, f"{WD}#0")
+                async with trio.open_nursery() as winning:
+                    await submit_in_order(sup, winning, [(winning_task(miner=2), None)])
+                    await submit_in_order(sup, nursery, [(window_task(miner=3), None)])
+                    stages = sup.statistics().stages
+                    assert (stages[WIN].queued, stages[WD].queued) == (1, 1)
+                    winning.cancel_scope.cancel()
+                assert await rec.next("finished") == ("finished", 2, "cancelled")
+                assert await rec.next("started") == ("started", 3, f"{WD}#0")
+                wd_gate.release()
+                wd_gate.release()
+    finally:
+        wd_gate.close()
+        win_gate.close()
+    assert child_log(log) == [
+        f"start {WD}#0 1",
+        f"end {WD}#0 1",
+        f"start {WD}#0 3",
+        f"end {WD}#0 3",
+    ]
