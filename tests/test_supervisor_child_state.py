@@ -11,6 +11,7 @@ import pytest
 import trio
 from helpers.supervisor import dext_child, python_child, spec, window_task
 
+from damocles_ext.errors import ProverError
 from damocles_ext.supervisor import Supervisor
 from damocles_ext.supervisor.child_loop import Child
 from damocles_ext.supervisor.restart import BackoffPolicy, RestartTracker
@@ -110,3 +111,62 @@ async def test_a_child_stopped_before_its_ready_message_is_not_called_a_failed_s
     (child,) = sup.statistics().children
     assert child.last_exit.startswith("stopped before it was ready"), child.last_exit
     assert "failed start" not in caplog.text and "no ready message" not in caplog.text
+
+
+# Its first process exits with CODE before its ready message; the next one serves.
+_FAILS_ITS_FIRST_START = """
+MARK = os.path.join(os.environ['MARKDIR'], 'started')
+if not os.path.exists(MARK):
+    open(MARK, 'w').close()
+    sys.exit(int(os.environ['CODE']))
+"""
+
+
+@pytest.mark.parametrize("code", [1, 2, 3])
+async def test_when_refusals_are_final_only_an_exit_2_before_ready_is_fatal_a_crash_restarts(
+    code, tmp_path
+):
+    # prove -c's policy (give_up_when_refused): exit code 2 before the ready message is the
+    # child runtime's "the prover cannot load with this config", FATAL at once and said as a
+    # refusal (prove exits 2, "fix the config"); any other failed start is retried as `run`
+    # retries it. Making every failed start FATAL under that policy failed no test before.
+    refused = code == 2
+    envs = {"MARKDIR": str(tmp_path), "CODE": str(code)}
+    sup = Supervisor(
+        [spec(dext_child(setup=_FAILS_ITS_FIRST_START), envs=envs)],
+        backoff=BackoffPolicy(base=0.01, cap=0.02, give_up_when_refused=True),
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            if refused:
+                with pytest.raises(ProverError, match="window_post#0 is FATAL"):
+                    await sup.wait_ready()
+            else:
+                await sup.wait_ready()
+            (child,) = sup.statistics().children
+            sup.request_shutdown()
+    if refused:
+        assert (child.state, child.restarts, child.start_refused) == ("fatal", 0, True)
+    else:
+        assert (child.state, child.restarts, child.start_refused) == ("ready", 1, False)
+
+
+async def test_a_child_exiting_2_after_its_ready_message_is_no_refused_start():
+    # Exit code 2 says "cannot load" only before the ready message: a prover that loaded and
+    # then exits 2 on a request is a crash. prove reads start_refused to tell a config to fix
+    # (exit 2) from a failed proof (exit 1); counting any exit 2 failed no test before.
+    sup = Supervisor(
+        [spec(dext_child("os._exit(2)"), auto_restart=False, max_attempts=1)],
+        backoff=BackoffPolicy(give_up_when_refused=True),
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            with pytest.raises(ProverError, match="went down while running it"):
+                await sup.submit(window_task())
+            (child,) = sup.statistics().children
+            sup.request_shutdown()
+    assert "exit code 2" in child.last_exit, child.last_exit
+    assert child.start_refused is False
