@@ -9,12 +9,14 @@ trio wakes the caller and the drain; these tests hold the caller in the gap (a w
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
-from helpers.supervisor import builtin_child, spec, window_task
+from helpers.supervisor import BAD_VANILLA, builtin_child, python_child, spec, window_task
 
 from damocles_ext.api import open_supervisor
+from damocles_ext.errors import ProverError
 from damocles_ext.supervisor import split
 
 VAN, SNARK = "window_post_vanilla", "window_post_snark"
@@ -82,3 +84,41 @@ async def test_shutdown_waits_for_a_split_request_between_its_steps_and_no_longe
             await trio.testing.wait_all_tasks_blocked()
             assert states(sup) <= {"stopping", "stopped"}, states(sup)
     assert results == [echo_output(window_task(miner=7))]
+
+
+async def test_a_snark_error_at_shutdown_is_the_answer_with_no_vanilla_step_run_again(
+    monkeypatch,
+):
+    # The lone SNARK child refuses the vanilla proofs as shutdown has begun: another vanilla
+    # child could make them again, but no new request is taken. The answer is the SNARK
+    # step's error naming whose proofs it had, not a vanilla step's refusal (removing the
+    # shutdown from split._vanilla_again failed no test before).
+    gaps = Gaps()
+    gaps.go_on[1].set()
+    monkeypatch.setattr(split, "_step", gaps.step)
+    never_ready = python_child("import time; time.sleep(600)")  # another vanilla child, idle
+    children = [
+        spec(BAD_VANILLA, stage=VAN),
+        spec(never_ready, stage=VAN, index=1),
+        spec(builtin_child(SNARK, "echo"), stage=SNARK),
+    ]
+    errors: list[str] = []
+
+    async def prove(sup) -> None:
+        with pytest.raises(ProverError) as info:
+            await sup.submit(window_task())
+        errors.append(str(info.value))
+
+    with trio.fail_after(30):
+        async with open_supervisor(children, shutdown_grace=20) as sup:
+            await sup.wait_ready(VAN)
+            await sup.wait_ready(SNARK)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(prove, sup)
+                await gaps.reached[0].wait()
+                sup.request_shutdown()
+                gaps.go_on[0].set()
+    (error,) = errors
+    assert error.startswith(f"request 2 ({SNARK})"), error
+    assert error.endswith(f"its vanilla proofs came from {VAN}#0"), error
+    assert "shutting down" not in error, error
