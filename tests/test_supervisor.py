@@ -918,9 +918,11 @@ async def test_shutdown_kills_stubborn_children_and_their_grandchildren(tmp_path
     await wait_until(lambda: not any(alive(pid) for pid in grandchildren), 5)
 
 
-async def test_a_shutdown_with_the_grace_already_spent_waits_no_second_grace():
+@pytest.mark.parametrize("left", [0.0, -1.5])
+async def test_a_shutdown_with_the_grace_already_spent_waits_no_second_grace(left):
     # serve at stdin EOF waits for the requests it read within the grace, then stops the
-    # supervisor with what is left of it: not a second whole grace.
+    # supervisor with what is left of it: not a second whole grace. What is left is below 0
+    # when that wait ran past the grace: run() ends as for 0, not on a negative timeout.
     sup = Supervisor(
         [spec(builtin_child("window_post", "sleep", "seconds=600"))], shutdown_grace=3600
     )
@@ -929,7 +931,7 @@ async def test_a_shutdown_with_the_grace_already_spent_waits_no_second_grace():
             await nursery.start(sup.run)
             await sup.wait_ready()
             errors = await _stop_while_running(
-                sup, nursery, lambda: sup.request_shutdown(grace_left=0)
+                sup, nursery, lambda: sup.request_shutdown(grace_left=left)
             )
     assert "within the shutdown grace period (3600s)" in str(errors[0])
 
