@@ -1220,7 +1220,7 @@ async def test_a_pause_and_a_step_back_seen_by_one_pass_keep_the_pause_where_it_
     last = (steady[0], now[0])
     steady[0] += 61  # a pass every 1 s, 60 s late
     now[0] += 61 - 3600
-    coordinator._watch_clock(last, 1.0)
+    coordinator.server_clock.watch(last, 1.0)
     # The 60 s before now could not be heard: silent for 15 s means heard before now - 75.
     assert coordinator.hearing.silent_before(now[0], 15) == now[0] - 75
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from functools import partial
 
 import pytest
 import trio
@@ -179,28 +180,39 @@ async def two_coordinators_serve_workers_while_one_is_killed_and_restarted(url: 
     assert b"Traceback" not in a.stderr + b.stderr
 
 
-async def test_a_coordinator_whose_clock_is_off_the_servers_is_warned(postgres_url, caplog):
-    # Coordinators on one store stamp heartbeats with their own clocks: one 30 s ahead of the
-    # server takes the other coordinators' workers' jobs back 30 s early. It says so.
+async def test_a_coordinator_whose_clock_is_off_the_servers_keeps_to_the_servers_and_is_warned(
+    postgres_url, caplog
+):
+    # Coordinators on one store stamped heartbeats with their own clocks: one 30 s ahead of the
+    # server took the other coordinators' workers' jobs back 30 s early. Each keeps to the
+    # server's clock, read before its first pass, and says this machine's is off.
     from damocles_ext.frontends.coordinator import Coordinator
     from damocles_ext.jobs.store import TrioJobStore
 
     caplog.set_level(logging.INFO, "damocles_ext.coordinator")
     offset = [30.0]
     with JobStore.open(postgres_url) as store:
-        coordinator = Coordinator(TrioJobStore(store, clock=lambda: time.time() + offset[0]))
+        jobs = TrioJobStore(store, clock=lambda: time.time() + offset[0])
+        coordinator = Coordinator(jobs)
         async with trio.open_nursery() as nursery:
-            await nursery.start(coordinator.sweep_forever)  # the first pass checks the clock
+            await nursery.start(coordinator.sweep_forever)  # the first pass reads the clock
             nursery.cancel_scope.cancel()
-        assert coordinator.clock_skew is not None and 29 < coordinator.clock_skew < 31
+        clock = coordinator.server_clock
+        assert clock.skew is not None and 29 < clock.skew < 31
+        assert abs(jobs.clock() - time.time()) < 1  # the server's (this test's machine's)
         (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert "this machine's clock is 30.0 s ahead of the clock of the job store's" in (
             warning.getMessage()
         )
+        assert "keeps to the server's clock" in warning.getMessage()
         assert "NTP" in warning.getMessage()
+        # Moved onto the server's clock, 30 s back: what the hearing kept moved with it (its
+        # start 30 s ahead, no job would have been taken back for 30 s).
+        assert abs(coordinator.hearing.since - time.time()) < 5
         offset[0] = -0.01  # set right: said once, and the skew forgotten
-        await coordinator._check_skew()
-        assert coordinator.clock_skew is None
+        await clock.read_server()
+        assert clock.skew is None
+        assert abs(jobs.clock() - time.time()) < 1
         assert "agrees with the job store's server again" in caplog.records[-1].getMessage()
 
 
@@ -234,9 +246,11 @@ async def test_sqlite_has_no_server_clock_to_compare_with(tmp_path, caplog):
 
     with JobStore.open(f"sqlite:///{tmp_path / 'jobs.db'}") as store:
         assert clock_skew(store.engine, time.time) is None
-        coordinator = Coordinator(TrioJobStore(store, clock=lambda: time.time() + 3600))
-        await coordinator._check_skew()
-    assert coordinator.clock_skew is None
+        jobs = TrioJobStore(store, clock=lambda: time.time() + 3600)
+        coordinator = Coordinator(jobs)
+        await coordinator.server_clock.read_server()
+        assert jobs.offset == 0  # one machine: its own clock
+    assert coordinator.server_clock.skew is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -303,3 +317,96 @@ async def test_while_one_coordinator_is_down_its_workers_that_cannot_reach_the_o
         a.stop()
         b.stop()
     assert b"Traceback" not in a.stderr + b.stderr
+
+
+async def test_a_worker_heartbeating_through_a_coordinator_whose_clock_is_behind_keeps_its_job(
+    postgres_url, tmp_path
+):
+    # B's machine is 40 s behind A's, more than HeartbeatTimeout: B stamped its workers'
+    # heartbeats with its own clock, A's sweep read them as 40 s old and took every job given
+    # out through B back within seconds ("no heartbeat for its HeartbeatTimeout"), though its
+    # worker heartbeated all along; two such tries and the proof was lost. Every coordinator on
+    # one PostgreSQL keeps to the server's clock: only the silent job is taken back.
+    from helpers.frontend import dext_shifted
+    from helpers.supervisor import wait_until_real
+
+    (tmp_path / "sector-manager.cfg").write_text(
+        '[Common.Proving.WorkerProver]\nHeartbeatTimeout = "3s"\n'
+    )
+    with JobStore.open(postgres_url) as store:
+        for seed in range(2):
+            store.create(make_input(miner=1000 + seed, seed=seed), time.time())
+    conf = ("--conf-dir", str(tmp_path))
+    a = CoordinatorProcess(postgres_url, *conf)
+    b = CoordinatorProcess(postgres_url, *conf, dext=dext_shifted(-40.0))
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await a.start(nursery)
+                await b.start(nursery)
+                to_b = RpcClient(f"127.0.0.1:{b.port}", timeout=30)
+                kept, silent = await to_b.call("Dext.AllocateJobs", {}, 2, "w2")
+                # Its answers' Date, which workers compare their clocks with, is the server's.
+                assert to_b.server_date is not None
+                assert abs(to_b.server_date + 0.5 - time.time()) < 3
+                held = [{"Id": kept["Id"], "Lease": kept["Lease"]}]
+
+                def taken_back() -> bool:
+                    with JobStore.open(postgres_url, create=False) as store:
+                        return store.get(silent["Id"]).State != "running"
+
+                async def heartbeat_through_b() -> None:
+                    while True:
+                        assert await to_b.call("Dext.HeartbeatJobs", held, "w2") == []
+                        await trio.sleep(0.25)  # the worker's heartbeat period, not a wait
+
+                nursery.start_soon(heartbeat_through_b)
+                # The silent job is taken back a timeout after it was given out: by then, A
+                # had read the kept job's stamps as 40 s old, and took it back in the same pass.
+                await wait_until_real(taken_back, what="the silent job taken back")
+                nursery.cancel_scope.cancel()
+            await to_b.aclose()
+        with JobStore.open(postgres_url, create=False) as store:
+            job = store.get(kept["Id"])
+        assert (job.State, job.lease, job.TryNum) == ("running", kept["Lease"], 1)
+    except BaseException as exc:  # what the coordinators said, with the failure
+        exc.add_note(f"A said:\n{a.stderr.decode(errors='replace')[-4000:]}")
+        exc.add_note(f"B said:\n{b.stderr.decode(errors='replace')[-4000:]}")
+        raise
+    finally:
+        a.stop()
+        b.stop()
+    said = b.stderr.decode()
+    assert "this machine's clock is 40.0 s behind the clock of the job store's" in said, said
+    assert "keeps to the server's clock" in said, said
+    assert b"Traceback" not in a.stderr + b.stderr
+
+
+async def test_a_step_of_the_wall_clock_reads_the_servers_clock_again_and_affects_no_job(
+    postgres_url, caplog
+):
+    # NTP steps this machine's clock a minute forward: the coordinator, on the server's clock,
+    # reads it again at the next pass and stays on it; no stretch is counted as unheard.
+    from helpers.supervisor import wait_until
+
+    from damocles_ext.frontends.coordinator import Coordinator
+    from damocles_ext.jobs.store import TrioJobStore
+
+    caplog.set_level(logging.INFO, "damocles_ext.coordinator")
+    shift = [0.0]
+    with JobStore.open(postgres_url) as store:
+        jobs = TrioJobStore(store, clock=lambda: time.time() + shift[0])
+        coordinator = Coordinator(jobs)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(coordinator.sweep_forever, 0.05))
+            shift[0] = 60.0
+            await wait_until(lambda: "read again, so no job is affected" in caplog.text,
+                             timeout=30, what="the step said")  # fmt: skip
+            nursery.cancel_scope.cancel()
+        now = jobs.clock()
+        assert abs(now - time.time()) < 1
+        assert coordinator.hearing.silent_before(now, 0.01) == now - 0.01
+    assert "the wall clock stepped forward by 60 s since the last sweep" in caplog.text
+    # Warned of as a machine whose clock is off, not as a step that costs anything.
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "this machine's clock is 60.0 s ahead of the clock of the job store's" in warning

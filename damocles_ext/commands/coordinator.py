@@ -204,14 +204,16 @@ def run(args: argparse.Namespace) -> int:
         JobStore.open(args.jobs, limits=settings.limits, writable=True) as store,
     ):
         metrics = metrics_server = None
-        paused = PausedWorkers()  # the workers whose pings say they are paused: both show them
+        jobs = TrioJobStore(store)  # its clock kept on a PostgreSQL server's: the metrics' too
+        # The workers whose pings say they are paused: the coordinator and the metrics show them.
+        paused = PausedWorkers(jobs.clock)
         if args.metrics is not None:
             from damocles_ext.jobs.metrics import JobMetrics
             from damocles_ext.metrics import MetricsServer
 
-            metrics = JobMetrics(store, paused_workers=paused)
+            metrics = JobMetrics(store, paused_workers=paused, clock=jobs.clock)
         coordinator = Coordinator(
-            TrioJobStore(store),
+            jobs,
             settings.stores,
             observe=None if metrics is None else metrics.observe,
             sector_index=_sector_index(args, settings.stores, snapshot),
@@ -279,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
 
                         nursery.start_soon(watch)
                         with learning:
+                            # On the server's clock before the first job is given out.
+                            await coordinator.server_clock.read_server()
                             try:
                                 await coordinator.learn_sectors()
                             except DextError as exc:  # the command's error, said as such

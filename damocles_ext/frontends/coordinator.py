@@ -12,6 +12,7 @@ JSON-RPC error on that request, never the end of the server.
 from __future__ import annotations
 
 import logging
+import math
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -26,10 +27,11 @@ from ..jobs.log_lines import fields_of, said_of
 from ..jobs.model import JobOutput
 from ..jobs.outage import Outage
 from ..jobs.pings import PausedWorkers
-from ..jobs.silence import SLOW_CALL, Hearing
+from ..jobs.silence import Hearing
 from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, StoreLost, TrioJobStore
-from ..jobs.trio_store import SKEW_CHECK_EVERY, check_clock
+from ..jobs.trio_store import SKEW_CHECK_EVERY
 from ..threads import NoThreadError, run_in_thread
+from .coordinator_clock import ServerClock
 from .dext_rpc import DextMethods
 from .held_warnings import HeldWarnings
 from .http import HttpConnection, Refuse, serve_http_connection
@@ -67,9 +69,6 @@ DEFAULT_IDLE_TIMEOUT = 120.0
 # a quarter of HeartbeatTimeout. Its cleanup every 30 min is the limits' cleanup_interval.
 # Cleanup passes (of DEFAULT_PASS_LIMIT jobs) between two sweeps at most.
 CLEANUP_PASSES = 10
-# Seconds the wall clock may gain on the monotonic clock between two sweeps before it counts as
-# a step (NTP setting it, a suspended machine resuming): heartbeats are stamped with wall time.
-CLOCK_STEP = 5.0
 # A SQLite store's write-ahead log this large is warned (checked with the clock): it is cut back
 # to SQLITE_WAL_SIZE_LIMIT at each restart, so it grows past that only while a reader keeps an
 # old snapshot (or for one large transaction).
@@ -108,11 +107,7 @@ class Coordinator:
         #: the sweeps see a step of the wall clock, or a stretch in which this process did not
         #: run, by comparing them (`watch_clocks`).
         self._monotonic = monotonic or trio.current_time  # (read in the coordinator's loop)
-        self._watch_clocks = watch_clocks
         self.cleanup_pass = DEFAULT_PASS_LIMIT  # finished jobs forgotten per cleanup pass
-        #: Seconds this machine's clock ran ahead of the PostgreSQL server's at the last check,
-        #: when that was trio_store.CLOCK_SKEW or more (None: in step, or SQLite).
-        self.clock_skew: float | None = None
         #: A SQLite store's log size that is warned (checked with the clock), and whether it was.
         self.log_warn_size = LOG_WARN_SIZE
         self._log_grown = False
@@ -142,6 +137,8 @@ class Coordinator:
         if store.hearing is None:
             store.hearing = Hearing(store.clock())
         self.hearing: Hearing = store.hearing
+        #: The store's clock kept on the PostgreSQL server's, its steps told to the hearing.
+        self.server_clock = ServerClock(store, self.hearing, self._monotonic, watch_clocks)
         #: Called when its SQLite store's file was deleted or replaced (StoreLost), by a call or
         #: a sweep: the coordinator command stops; serve --listen goes on (its calls fail).
         self.on_store_lost: Callable[[StoreLost], None] | None = None
@@ -289,14 +286,22 @@ class Coordinator:
         once it was silent for a HeartbeatTimeout while this coordinator served and its store
         answered: damocles' sweep at start takes back every job whose worker could not reach the
         manager while it was down."""
-        next_cleanup = next_skew_check = trio.current_time()
+        next_cleanup = next_log_check = trio.current_time()
         started = False
-        last: tuple[float, float] | None = None  # (monotonic, wall) at the last pass
+        last: tuple[float, float] | None = None  # (monotonic, this machine's) at the last pass
         paused_at: float | None = None  # (monotonic) at the last pass's end
         while True:
             # Read at each pass: the limits may change while the coordinator runs.
             every = sweep_interval or rules.sweep_every(self.store.store.limits)
-            last = self._watch_clock(last, every, paused_at)
+            clock = self.server_clock
+            if clock.stepped(last):  # this machine's clock: the server's is read again at once
+                clock.next_read = -math.inf
+            if trio.current_time() >= clock.next_read:  # (before the pass: its first too)
+                began = self._monotonic()
+                await clock.read_server()
+                if paused_at is not None:  # a wait for the store, not a pause of this process
+                    paused_at += self._monotonic() - began
+            last = clock.watch(last, every, paused_at)
             try:
                 outcome = await self.sweep_once()
                 if (line := self._sweep_outage.answered(trio.current_time())) is not None:
@@ -304,9 +309,8 @@ class Coordinator:
                 self._observed(outcome.effects)
                 for effect in outcome.effects:
                     log.info("sweep: %s", said_of(effect), extra=fields_of(effect))
-                if trio.current_time() >= next_skew_check:
-                    next_skew_check = trio.current_time() + SKEW_CHECK_EVERY
-                    await self._check_skew()
+                if trio.current_time() >= next_log_check:
+                    next_log_check = trio.current_time() + SKEW_CHECK_EVERY
                     await self._check_log()
                 if trio.current_time() >= next_cleanup:
                     more = await self._cleanup()
@@ -322,15 +326,6 @@ class Coordinator:
                 task_status.started()
             paused_at = self._monotonic()
             await trio.sleep(every)
-
-    async def _check_skew(self) -> None:
-        """Warn when this machine's clock is trio_store.CLOCK_SKEW or more away from the
-        PostgreSQL server's (check_clock)."""
-        self.clock_skew = await check_clock(
-            self.store, self.store.clock, self.clock_skew, log,
-            "coordinators on one store stamp heartbeats with their own clocks, so one ahead of"
-            " another takes the other's workers' jobs back early by as much",
-        )  # fmt: skip
 
     async def _check_log(self) -> None:
         """Warn once when a SQLite store's write-ahead log is log_warn_size or more (info when
@@ -394,45 +389,6 @@ class Coordinator:
         # answer tells the store takes writes again even with no worker's call to tell it.
         probe = self.hearing.writes_down
         return await self.store.sweep(silent_before=silent_before, probe_write=probe)
-
-    def _watch_clock(
-        self, last: tuple[float, float] | None, every: float, paused_at: float | None = None
-    ) -> tuple[float, float]:
-        """A wall clock that stepped forward since the last pass (`last`: when it began) would
-        make every running job look silent for the step, and so would a stretch in which this
-        process did not run (SIGSTOP, a paused VM, swapping): the heartbeats sent then wait
-        unread, and this pass comes first. Either stretch counts as unheard. The latter is
-        measured over the pause of `every` seconds since `paused_at` (the last pass's end):
-        time the pass spent waiting for the store is the store's (`Hearing` counts it)."""
-        now = (self._monotonic(), self.store.clock())
-        if last is not None and self._watch_clocks:
-            step = (now[1] - last[1]) - (now[0] - last[0])
-            if step < -CLOCK_STEP:
-                log.warning(
-                    "the wall clock stepped back by %.0f s since the last sweep: a job whose"
-                    " worker falls silent before its next heartbeat is taken back up to that"
-                    " much late (its last heartbeat was stamped on the clock before the step;"
-                    " the next one replaces that stamp)",
-                    -step,
-                )
-                # First: what is marked below is on the clock after the step already.
-                self.hearing.stepped_back(-step)
-            late = (now[0] - (last[0] if paused_at is None else paused_at)) - every
-            if late > SLOW_CALL:
-                why = "the machine paused or overloaded?"
-                self._unheard(
-                    late, now[1], f"this coordinator did not run for {late:.0f} s ({why})"
-                )
-            if step > CLOCK_STEP:
-                why = "set by NTP, or the machine was suspended?"
-                self._unheard(
-                    step, now[1], f"the wall clock stepped forward by {step:.0f} s ({why})"
-                )
-        return now
-
-    def _unheard(self, seconds: float, now: float, what: str) -> None:
-        log.warning("%s: no running job is taken back for that time", what)
-        self.hearing.deaf(now - seconds, now)
 
     async def answer(self, body: bytes) -> tuple[int, bytes]:
         """The HTTP status and the JSON-RPC answer to one POST body (exactly one answer)."""
@@ -603,6 +559,8 @@ class _Connection(HttpConnection):
         super().__init__(stream, idle_timeout=server.idle_timeout, max_head=MAX_HEAD, log=log,
                          what="coordinator", stopping=lambda: server.stopping)  # fmt: skip
         self._server = server
+        # Workers read a job's NotAfter against the Date: the coordinator's clock, the server's.
+        self.date_clock = server.coordinator.store.clock
         self._refused: rpc.RpcError | None = None  # the request being read lacks the token
         self._why: str | None = None  # what is wrong with its token, said in our log
         self.buffered = 0  # bytes of the request body kept, as the server accounts them

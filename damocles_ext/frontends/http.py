@@ -77,6 +77,9 @@ class HttpConnection:
         self._answering_head = False  # the request being answered is a HEAD: no body goes back
         self._wait_scope = trio.CancelScope()
         self._evicted = False  # closed by the server (room for another, a stop): no 408
+        #: The clock of the answers' Date (a coordinator's: its store's, which workers compare
+        #: theirs with); None: this machine's.
+        self.date_clock: Callable[[], float] | None = None
 
     @property
     def idle(self) -> bool:
@@ -217,7 +220,9 @@ class HttpConnection:
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        headers.append(("Date", formatdate(usegmt=True)))  # as HTTP servers do (workers read it)
+        # As HTTP servers do (workers read it).
+        date = None if self.date_clock is None else self.date_clock()
+        headers.append(("Date", formatdate(date, usegmt=True)))
         if close:
             headers.append(("Connection", "close"))
         headers += extra or []

@@ -242,6 +242,8 @@ def serve_jobs(
 
             # A finish it takes wakes the request waiting for that job at once, not at its poll.
             rpc = Coordinator(TrioJobStore(store), settings.stores, observe=producer.observe)
+            # Its jobs' deadlines on the clock the coordinator sweeps with (a PostgreSQL's).
+            producer.clock = rpc.store.clock
             coordinator = (rpc, CoordinatorServer(rpc, *listen, token=token, sock=listening))
         protocol_in, protocol_out = fds
         hold_stop_signals()

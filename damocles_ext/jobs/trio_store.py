@@ -38,7 +38,10 @@ DEFAULT_CALL_TIMEOUT = 60.0
 
 class TrioJobStore:
     """The store for trio code: each call runs in a worker thread under a small limiter, with
-    `now` read from `clock` (wall-clock unix seconds by default).
+    `now` read from `clock`: `local_clock` (wall-clock unix seconds by default) plus `offset`,
+    which a coordinator on PostgreSQL sets to the server's clock minus this machine's
+    (`frontends.coordinator_clock`), so that every coordinator on one store stamps and sweeps on
+    one clock.
 
     A call no thread can be started for (at the limit of tasks), that gets no answer within
     `call_timeout` seconds (a database that hangs rather than refuses: its host frozen, the
@@ -56,13 +59,20 @@ class TrioJobStore:
                  monotonic: Callable[[], float] = trio.current_time,
                  call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:  # fmt: skip
         self.store = store
-        self.clock = clock
+        self.local_clock = clock
+        #: Seconds added to `local_clock` for `clock` (0 until a coordinator reads the server's).
+        self.offset = 0.0
+        #: The store's clock, the `now` of every call (a test may set its own in its place).
+        self.clock: Callable[[], float] = self._clock
         self.monotonic = monotonic  # how long a call took (a step of `clock` is not a slow call)
         self.call_timeout = call_timeout
         self._limiter = trio.CapacityLimiter(threads)
         #: Told when the store is unavailable to a call, answers again, or answers slowly (a
         #: coordinator's sweeps count a job's silence by it); None: nothing is told.
         self.hearing: Hearing | None = None
+
+    def _clock(self) -> float:
+        return self.local_clock() + self.offset
 
     async def _run(self, fn: Callable[..., R], *args: Any,
                    wrote: Callable[[R], bool] = lambda _: True, **kwargs: Any) -> R:  # fmt: skip
@@ -176,9 +186,9 @@ def _stored(outcome: Outcome) -> bool:
     return outcome.wrote
 
 
-# Coordinators on one PostgreSQL stamp heartbeats with their own clocks, and a producer gives its
-# jobs deadlines from its own: one whose clock is this far from the server's is warned (checked
-# at a coordinator's first sweep or a producer's start, then every SKEW_CHECK_EVERY s).
+# Coordinators on one PostgreSQL keep to the server's clock (they read it as they start, then
+# every SKEW_CHECK_EVERY s), but a producer gives its jobs deadlines from its own, and workers
+# read them on theirs: a machine whose clock is this far from the server's is warned.
 CLOCK_SKEW = 2.0
 SKEW_CHECK_EVERY = 600.0
 

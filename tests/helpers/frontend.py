@@ -47,6 +47,21 @@ def dext_with(constants: dict[str, object]) -> list[str]:
     return [sys.executable, "-c", _SET_THEN_RUN.format(constants=constants)]
 
 
+_SHIFTED_THEN_RUN = """\
+import sys, time
+_time = time.time
+time.time = lambda: _time() + {seconds!r}
+from damocles_ext.cli import main
+sys.exit(main())
+"""
+
+
+def dext_shifted(seconds: float) -> list[str]:
+    """`damocles-ext` (as DEXT) whose wall clock (`time.time`, set before anything is imported)
+    is `seconds` ahead of this machine's (behind when negative): a machine whose clock is off."""
+    return [sys.executable, "-c", _SHIFTED_THEN_RUN.format(seconds=seconds)]
+
+
 def make_task(miner: int = 1000, replicas: int = 1, stage: str = "window_post"):
     """A small task whose miner id tells requests apart (echo/sleep outputs depend on it)."""
     infos = [
@@ -420,9 +435,10 @@ class CoordinatorProcess:
     """One `damocles-ext coordinator --jobs URL [EXTRA...]` subprocess on 127.0.0.1, which may be
     started again (on its port) after a kill; all it wrote to stderr is kept in `stderr`."""
 
-    def __init__(self, url: str, *extra: str) -> None:
+    def __init__(self, url: str, *extra: str, dext: list[str] = DEXT) -> None:
         self.url = url
         self.extra = extra
+        self.dext = dext  # DEXT, or dext_with's or dext_shifted's
         self.proc: trio.Process | None = None
         self.stderr = b""
         self.port = 0
@@ -431,7 +447,7 @@ class CoordinatorProcess:
     async def start(self, nursery: trio.Nursery, port: int = 0, host: str = "127.0.0.1") -> None:
         """Start it; returns once this process (not an earlier one) serves."""
         self.proc = await trio.lowlevel.open_process(
-            [*DEXT, "coordinator", "--jobs", self.url, "--listen", f"{host}:{port}",
+            [*self.dext, "coordinator", "--jobs", self.url, "--listen", f"{host}:{port}",
              *self.extra],
             stderr=subprocess.PIPE,
             env=dext_env(),
