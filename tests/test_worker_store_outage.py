@@ -1,9 +1,10 @@
 """`damocles-ext worker` while its coordinator's job store is down: the coordinator answers, but
-refuses each allocation (code 1, the store failed). A real coordinator over HTTP on a real
-PostgreSQL server, stopped and started again; real children."""
+refuses each allocation, heartbeat and finish (code 1, the store failed). A real coordinator over
+HTTP on a real PostgreSQL server, stopped and started again; real children."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -62,3 +63,63 @@ async def test_allocations_refused_while_the_store_is_down_are_said_once_and_ask
     assert lines[0].startswith("the manager refuses the allocation (Dext.AllocateJobs at ")
     assert lines[1].startswith("the manager allocates again, after ")
     assert int(lines[1].split("after ")[1].split()[0]) >= 5
+
+
+@contextlib.asynccontextmanager
+async def store_down_at_its_finish(rig, postgres_server, worker, job_id):
+    """The worker proves the job; its first finish reaches the coordinator, which hands it to
+    its store only once the PostgreSQL server is stopped: it fails there (code 1, the store
+    unreachable). The body runs once the worker saw it fail, the server down; it gets a
+    function that starts the server again (done after the body if it did not)."""
+    finish, arrived, down, up = rig.jobs.finish, trio.Event(), trio.Event(), [False]
+
+    async def once_the_store_is_down(*args, **kwargs):
+        arrived.set()
+        await down.wait()
+        return await finish(*args, **kwargs)
+
+    async def resume():
+        if not up[0]:
+            await trio.to_thread.run_sync(postgres_server.resume)
+            up[0] = True
+
+    rig.jobs.finish = once_the_store_is_down
+    async with serving(rig, worker):
+        await arrived.wait()
+        await trio.to_thread.run_sync(postgres_server.pause)
+        try:
+            down.set()
+            await worker.wait_for(lambda: worker.held[job_id].delivery_failures >= 1)
+            yield resume
+        finally:
+            with trio.CancelScope(shield=True):
+                await resume()
+
+
+async def test_a_result_the_store_refused_goes_as_soon_as_a_heartbeat_is_answered_again(
+    postgres_server, postgres_url, tmp_path, caplog
+):
+    # Before, only a manager that could not be connected to woke the results waiting out their
+    # backoff when it answered again; a finish the coordinator answered with its store's error
+    # (code 1) waited out the rest of its backoff (up to 30 s) after the heartbeats (failing on
+    # the store too) were answered again, and a job whose deadline came meanwhile was cancelled
+    # with its proof done.
+    caplog.set_level(logging.INFO, logger="damocles_ext.worker")
+    rig = Rig(postgres_url)
+    job, _ = await rig.jobs.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    # A backoff far longer than the test: only the wake-up sends the result again in time.
+    worker = Worker(rig.settings(kids, retry_base=600.0, retry_cap=600.0))
+    try:
+        async with store_down_at_its_finish(rig, postgres_server, worker, job.Id) as resume:
+            assert "cannot reach the job store" in caplog.text
+            # Its heartbeats fail too, as the store is down: they are answered again once it
+            # is back, and the result waiting goes then.
+            await worker.wait_for(lambda: worker._beats_failing.down_since is not None)
+            await resume()
+            with trio.fail_after(20):  # a heartbeat every 0.2 s: the first answered sends it
+                await worker.wait_for(lambda: worker.counters.delivered == 1)
+        assert (await rig.jobs.get(job.Id)).succeeded
+    finally:
+        rig.close()
+    assert f"job {job.Id}: delivered 1 proofs (attempt 2)" in caplog.text

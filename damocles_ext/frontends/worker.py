@@ -429,8 +429,10 @@ class Worker:
 
     async def retry_wait(self, seconds: float, *, until_stopped: bool = False) -> None:
         """Wait `seconds` before calling the manager again, less when it comes back meanwhile
-        from an outage in which a call could not connect (it was down, not slow): the call goes
-        at once, not up to the backoff's cap later. `until_stopped`: a stop ends the wait too."""
+        from an outage in which a call could not connect (it was down, not slow), or when its
+        heartbeats or allocations are answered again after failing (its job store was down):
+        the call goes at once, not up to the backoff's cap later. `until_stopped`: a stop ends
+        the wait too."""
         back = self._comebacks
         with trio.move_on_after(seconds):
             await self.wait_for(
@@ -601,7 +603,10 @@ class Worker:
 
     def answered(self, *outages: Outage) -> None:  # (a JSON-RPC error too; default: the manager's)
         for outage in outages or (self._outage,):
-            was_down = outage is self._outage and outage.unconnected
+            # Back: the manager, from an outage in which a call could not connect (down, not
+            # slow); or its heartbeats or allocations, after failing (its job store was down,
+            # and the finishes failed on it too): the results waiting go now.
+            was_down = outage is not self._outage or outage.unconnected
             if (line := outage.answered(trio.current_time())) is not None:
                 log.info("%s", line)
                 if was_down:
@@ -610,8 +615,9 @@ class Worker:
                     self.touch()
 
     def _came_back(self) -> None:
-        """The manager answers again after an outage in which it could not be reached: the
-        calls waiting out their backoff (`retry_wait`) go now."""
+        """The manager answers again after an outage in which it could not be reached, or its
+        heartbeats or allocations are answered again after failing: the calls waiting out their
+        backoff (`retry_wait`) go now."""
         self._comebacks += 1
         self.touch()
 

@@ -82,7 +82,8 @@ class Proving(Protocol):
         ...
 
     async def retry_wait(self, seconds: float) -> None:
-        """Wait `seconds` before calling the manager again, less if it comes back meanwhile."""
+        """Wait `seconds` before calling the manager again, less if it (or its job store) comes
+        back meanwhile."""
         ...
 
 
