@@ -32,6 +32,7 @@ from damocles_ext.jobs.model import SectorAccessStores, WdPoStInput, WdPoStSecto
 from damocles_ext.jobs.outage import Outage, heartbeats_outage
 from damocles_ext.jobs.store import JobStore, TrioJobStore
 from damocles_ext.jobs.worker_rules import (
+    LAST_TRY_MARGIN,
     MAX_EXACT_LOCKED,
     Api,
     Backoff,
@@ -42,6 +43,7 @@ from damocles_ext.jobs.worker_rules import (
     failure_of,
     failure_of_answer,
     finish_verdict,
+    finish_wait,
     free_slots,
     job_gone,
     jobs_to_ask,
@@ -1048,6 +1050,16 @@ def test_a_finish_is_retried_while_unreachable_until_the_deadline_or_the_lifetim
     assert verdict(Failure.REFUSED, 120) is FinishVerdict.GIVE_UP
     assert verdict(Failure.UNREACHABLE, 130, not_after=130) is FinishVerdict.GIVE_UP
     assert verdict(Failure.UNREACHABLE, 150) is FinishVerdict.GIVE_UP
+
+
+def test_a_finishs_wait_ends_shortly_before_its_jobs_deadline_and_within_it_at_the_deadline():
+    # Before, the backoff alone (up to 30 s): a result was tried again after its job's deadline.
+    assert finish_wait(30.0, 1000.0, None) == 30.0  # no deadline: the backoff's
+    assert finish_wait(30.0, 1000.0, 1100.0) == 30.0  # well before it: the backoff's
+    assert finish_wait(30.0, 1000.0, 1020.0) == 20.0 - LAST_TRY_MARGIN  # its last chance
+    assert finish_wait(1.0, 1000.0, 1020.0) == 1.0  # a shorter backoff is kept
+    assert finish_wait(30.0, 1018.0, 1020.0) == 2.0  # that chance gone: once more at it
+    assert finish_wait(30.0, 1021.0, 1020.0) == 0.0  # (past it: given up after the try)
 
 
 def test_backoff_doubles_up_to_its_cap_and_starts_over_after_an_answer():

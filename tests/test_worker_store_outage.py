@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 
 import pytest
 import trio
@@ -14,6 +15,7 @@ from test_worker import Rig, children, job_input, serving
 
 from damocles_ext.frontends.worker import Worker
 from damocles_ext.jobs.store import StoreError
+from damocles_ext.jobs.worker_rules import LAST_TRY_MARGIN
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -123,3 +125,41 @@ async def test_a_result_the_store_refused_goes_as_soon_as_a_heartbeat_is_answere
     finally:
         rig.close()
     assert f"job {job.Id}: delivered 1 proofs (attempt 2)" in caplog.text
+
+
+async def test_a_result_the_store_refused_is_tried_again_shortly_before_its_jobs_deadline(
+    postgres_server, postgres_url, tmp_path
+):
+    # Before, the result waited out its backoff (up to 30 s) whatever the job's deadline: with
+    # no heartbeat answered meanwhile, it was tried again after the coordinator had cancelled
+    # the job, its proof done. Now it is tried again LAST_TRY_MARGIN (5 s) before the deadline
+    # at the latest. No heartbeat in the test's time; the clocks (the worker's wall clock, the
+    # store's) are the test's, the deadline far off in real time (the supervisor's own).
+    now = [time.time()]
+    rig = Rig(postgres_url)
+    rig.jobs.clock = lambda: now[0]
+    not_after = now[0] + 600.0
+    job, _ = await rig.jobs.create(job_input(), not_after=not_after)
+    now[0] = not_after - LAST_TRY_MARGIN - 0.5  # (frozen there: the failed finish's time too)
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    settings = rig.settings(kids, heartbeat_interval=600.0, retry_base=600.0, retry_cap=600.0)
+    worker = Worker(settings, clock=lambda: now[0])
+    # The waits the worker asks for, each held until the store is back (its try then lands).
+    waits, back, retry_wait = [], trio.Event(), worker.retry_wait
+
+    async def recorded(seconds, **kwargs):
+        waits.append(seconds)
+        await back.wait()
+        await retry_wait(seconds, **kwargs)
+
+    worker.retry_wait = recorded
+    try:
+        async with store_down_at_its_finish(rig, postgres_server, worker, job.Id) as resume:
+            await worker.wait_for(lambda: len(waits) == 1)
+            assert waits == [pytest.approx(0.5)]  # not the backoff's 600 s
+            await resume()
+            back.set()
+            await worker.wait_for(lambda: worker.counters.delivered == 1)
+        assert (await rig.jobs.get(job.Id)).succeeded
+    finally:
+        rig.close()

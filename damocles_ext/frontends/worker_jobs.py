@@ -24,6 +24,7 @@ from ..jobs.worker_rules import (
     failure_of_answer,
     faults_text,
     finish_verdict,
+    finish_wait,
     job_output,
     window_post_task,
 )
@@ -195,7 +196,8 @@ async def deliver(
             held.log.error("job %s: its result (%s) is given up after %d attempts: %s%s:"
                            " %s", job.Id, what, attempts, why, maybe, reason)  # fmt: skip
             break
-        delay = backoff.next_delay()
+        # Never past shortly before the job's deadline: the try then is its last chance.
+        delay = finish_wait(backoff.next_delay(), worker.now(), job.NotAfter)
         if attempts & (attempts - 1) == 0:  # attempts 1, 2, 4, 8...: seen, not a flood
             held.log.warning("job %s: result (%s) not delivered yet (attempt %d): %s;"
                              " trying again in %.1f s", job.Id, what, attempts, reason,

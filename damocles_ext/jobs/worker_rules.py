@@ -191,6 +191,24 @@ def deadline_reached(not_after: float | None, now: float) -> bool:
     return not_after is not None and now >= not_after - DEADLINE_SLACK
 
 
+#: A result whose job has a deadline is tried again this long before it at the latest, whatever
+#: its backoff (`finish_wait`): our coordinator cancels the job at its deadline and refuses a finish
+#: after it. It covers the worker's clock up to 3 s behind the manager's (beyond that the worker
+#: warns, worker_ping.CLOCK_SKEW) and the finish's round trip and store write (well under 2 s).
+LAST_TRY_MARGIN = 5.0
+
+
+def finish_wait(delay: float, now: float, not_after: float | None) -> float:
+    """The wait before a result's next try: the backoff's `delay`, but never past LAST_TRY_MARGIN
+    before the job's deadline (`not_after`, unix seconds, as `now`); once that is past, never
+    past the deadline itself (one more try then: a clock ahead of the manager's may still be in
+    time; after it the result is given up)."""
+    if not_after is None:
+        return delay
+    last = not_after - LAST_TRY_MARGIN
+    return max(0.0, min(delay, last - now if now < last else not_after - now))
+
+
 class FinishVerdict(enum.Enum):
     RETRY = "retry"
     GIVE_UP = "give_up"
