@@ -163,3 +163,35 @@ async def test_a_result_the_store_refused_is_tried_again_shortly_before_its_jobs
         assert (await rig.jobs.get(job.Id)).succeeded
     finally:
         rig.close()
+
+
+async def test_a_proof_done_but_not_delivered_when_its_job_is_cancelled_says_so_and_why(
+    postgres_server, postgres_url, tmp_path, caplog
+):
+    # Before, "the manager took it back (cancelled: ...); its proof is cancelled" was said of a
+    # proof done and waiting to be delivered: nothing told that it was lost, nor why.
+    caplog.set_level(logging.INFO, logger="damocles_ext.worker")
+    now = [time.time()]
+    rig = Rig(postgres_url)
+    rig.jobs.clock = lambda: now[0]
+    not_after = now[0] + 600.0
+    job, _ = await rig.jobs.create(job_input(), not_after=not_after)
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    worker = Worker(rig.settings(kids, retry_base=600.0, retry_cap=600.0), clock=lambda: now[0])
+    try:
+        async with store_down_at_its_finish(rig, postgres_server, worker, job.Id) as resume:
+            now[0] = not_after + 1.0  # the deadline passes while the store is down
+            await resume()  # the next heartbeat answered says the job is cancelled
+            await worker.wait_for(lambda: worker.counters.stopped == 1)
+    finally:
+        rig.close()
+    assert worker.counters.delivered == 0
+    [line] = [r for r in caplog.records if "took it back" in r.getMessage()]
+    assert line.levelname == "ERROR"
+    text = line.getMessage()
+    taken = f"job {job.Id}: the manager took it back (cancelled: its deadline passed at "
+    assert text.startswith(taken)
+    undelivered = ") before its proof, done, could be delivered (1 delivery failed, the last: "
+    assert f"{undelivered}cannot reach the job store " in text
+    assert text.endswith("); it is dropped")
+    assert "its proof is cancelled" not in caplog.text

@@ -81,6 +81,7 @@ from .worker_state import (
     one_per_job,
     pause_in_force,
     read_answer,
+    taken_back_line,
 )
 
 if TYPE_CHECKING:
@@ -540,8 +541,8 @@ class Worker:
             return
         held.stop_reason = why
         self.counters.count_stop(reason)
-        held.log.warning("job %s: the manager took it back (%s); its proof is cancelled",
-                         job_id, why)  # fmt: skip
+        done = held.state == "finishing"  # its result dropped, not only a proof cancelled
+        held.log.log(logging.ERROR if done else logging.WARNING, "%s", taken_back_line(held, why))
         held.scope.cancel()
         self.touch()
 

@@ -174,7 +174,7 @@ async def deliver(
             worker.counters.failed += bool(error)
             held.log.info("job %s: delivered %s (attempt %d)", job.Id, what, attempts)
             break
-        held.delivery_failures += 1
+        held.delivery_failures, held.delivery_error = held.delivery_failures + 1, reason
         worker.counters.finish_retries += 1
         worker.touch()
         if held.job.Lease != job.Lease:

@@ -87,6 +87,7 @@ class HeldJob:
     child: str | None = None  # the child its current attempt runs on (the supervisor says)
     prover_failed: bool = False  # no proof, for a failure of the prover (the breaker counts it)
     error: str = ""  # finishing with this error (no proof)
+    delivery_error: str = ""  # why the last finish call did not get the result taken
     round: int = 0  # the allocation round that brought it (worker_rules.UnprovedRounds)
     reached_prover: bool = False  # dispatched to a child: it did not fail before a prover
 
@@ -127,6 +128,23 @@ class WorkerCounters:
         """A job the manager took back, by its `reason`: one of LOST_REASONS, else OTHER_REASON."""
         key = reason if reason in LOST_REASONS else OTHER_REASON
         self.stopped_by[key] = self.stopped_by.get(key, 0) + 1
+
+
+def taken_back_line(held: HeldJob, why: str) -> str:
+    """The line for a job the manager took back (`why`: its reason and text): its proof
+    cancelled; or, done and not delivered yet, its result dropped, and why it was not delivered
+    (the last finish call's error)."""
+    job_id, n = held.job.Id, held.delivery_failures
+    if held.state != "finishing":
+        return f"job {job_id}: the manager took it back ({why}); its proof is cancelled"
+    what = "its result (an error)" if held.error else "its proof, done,"
+    undelivered = "its first delivery was under way" if n == 0 else (
+        f"{n} {'delivery' if n == 1 else 'deliveries'} failed, the last: {held.delivery_error}"
+    )  # fmt: skip
+    return (
+        f"job {job_id}: the manager took it back ({why}) before {what} could be delivered"
+        f" ({undelivered}); it is dropped"
+    )
 
 
 #: What becomes of a job held when the manager gives it again (`given_again`).
