@@ -170,6 +170,30 @@ async def test_the_source_comes_first_its_store_names_pass_on_and_jobs_answer_wh
     assert index.status()["answered"] == {"learned": 1, "service": 2, "not_found": 0, "errors": 0}
 
 
+async def test_a_sector_its_scan_finds_in_part_is_answered_from_its_job_not_the_scans_store(
+    sqlite_store, tmp_path
+):
+    """The scan of its --store says sector 0 is missing (its cache directory there, its sealed
+    file gone): no index says it is in that store, so its job's store names answer it, as
+    before the scan said why; a sector no job names is not found."""
+    from damocles_ext.jobs.rpc import SectorId
+
+    (tmp_path / "cache" / f"s-t0{MINER}-0").mkdir(parents=True)
+    (tmp_path / "cache" / f"s-t0{MINER}-2").mkdir()
+    await TrioJobStore(sqlite_store).create(make_input(miner=MINER, sectors=1))  # store-a, store-b
+    index = SectorIndex(SectorLocator(build_providers(SectorSettings(stores={"x": str(tmp_path)}))))
+    coordinator = Coordinator(TrioJobStore(sqlite_store), sector_index=index)
+    await coordinator.learn_sectors()
+    assert (await index.locator.locate([SectorRef(MINER, 0)]))[0].status == "missing"
+    assert await index.find("normal", SectorId(MINER, 0)) == {
+        "Found": True, "Instance": {"SealedFile": "store-a", "CacheDir": "store-b"},
+    }  # fmt: skip
+    assert await index.find("normal", SectorId(MINER, 2)) == {
+        "Found": False, "Instance": {"SealedFile": "", "CacheDir": ""},
+    }  # fmt: skip
+    await index.locator.aclose()
+
+
 @pytest.mark.usefixtures("no_leftover_processes")
 async def test_a_coordinator_with_a_source_and_no_stores_starts_and_passes_the_names_on(tmp_path):
     """With --proxy it relays the source's store names (a damocles proxy node needs no stores of

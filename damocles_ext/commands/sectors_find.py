@@ -3,7 +3,8 @@ are, from a damocles source node (`--proxy`), the stores (`--conf-dir`, `--attac
 plugins' providers, through the sector-location service (damocles_ext/sectors).
 
 Exit codes: 0 every sector was found, its files there, 1 some were not (each says why: not
-found, its files not where it was found or last known, no provider could answer), 2 bad input
+found, found in part by the scan of the stores, its files not where it was found or last known,
+no provider could answer), 2 bad input
 (arguments, the store config, nothing to ask, a source node that refuses the token and so leaves
 sectors unanswered: said once, not once per sector; the answers found are still printed).
 """

@@ -91,8 +91,10 @@ class SectorIndex:
                 raise RpcError(METHOD_ERROR, str(exc)) from None
             [answer] = await self.locator.locate([ref], time_left=4 * LOOKUP_BUDGET)
             location = answer.location
-            # Missing (its files gone here) is still where the index says it is: the names.
-            if location is not None and location.sealed_store is not None:
+            # Missing (its files gone here) is still where the index says it is: the names. Not
+            # a sector its scan found in part just now (not cached): no index says it is there.
+            said = answer.found or answer.cached
+            if location is not None and location.sealed_store is not None and said:
                 self.answered["service"] += 1
                 return _found(location.sealed_store, location.cache_store or location.sealed_store)
             if answer.status == "error" and names is None:

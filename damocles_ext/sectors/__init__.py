@@ -4,6 +4,7 @@ prover that is not handed paths (damocles' proxy node mode, done better).
 Public API (stable; documented in docs/SECTORS.md):
 
 - `damocles_ext.sectors.model` (sans-IO, re-exported here): `SectorRef`, `SectorLocation`,
+  `BrokenLocation` (a sector a provider found in part, and what is wrong with the rest),
   `SectorAnswer` (`status` found / not_found / missing / error, `provider`, `cached`, `age`,
   `detail`), `SectorProvider` (what `dext_sector_providers` returns), `SectorProviderError`
   (`SectorAccessRefused`: its source refused our token),
@@ -25,6 +26,7 @@ from .model import (
     INDEX_TYPES,
     STATUSES,
     Bounds,
+    BrokenLocation,
     IndexType,
     SectorAccessRefused,
     SectorAnswer,
@@ -40,6 +42,7 @@ __all__ = [
     "INDEX_TYPES",
     "STATUSES",
     "Bounds",
+    "BrokenLocation",
     "IndexType",
     "SectorAccessRefused",
     "SectorAnswer",

@@ -8,6 +8,7 @@ looks wait for a token, time out, and say the storage did not answer.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Callable
@@ -26,19 +27,45 @@ DEFAULT_THREADS = 16
 
 def path_problem(path: str, want_dir: bool) -> str:
     """'' when `path` is a regular file (a directory when `want_dir`), else why not."""
+    return look_at(path, want_dir)[0]
+
+
+#: What `stat.S_IFMT` of a path that is not what a sector's file should be says it is.
+_KINDS = {
+    stat.S_IFREG: "a regular file",
+    stat.S_IFDIR: "a directory",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def look_at(path: str, want_dir: bool) -> tuple[str, bool]:
+    """(`path_problem`, whether something is at `path`: '' and True when it is what it should
+    be; a why and True when something else is there (another type of file, a symlink that
+    loops); a why and False when nothing is there, or what is cannot be told (a directory on
+    the way that cannot be searched, an I/O error)). One stat(2), and one lstat(2) for a
+    symlink loop."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        return f"{path} does not exist"
+        return f"{path} does not exist", False
     except OSError as exc:
-        return f"{path}: {exc.strerror or exc}"
+        if exc.errno == errno.ELOOP and os.path.islink(path):  # the name itself, not a parent
+            return f"{path} is a symlink loop (too many levels of symbolic links)", True
+        return f"{path}: {exc.strerror or exc}", False
     except ValueError:  # a NUL character (a plugin's provider gave such a path)
-        return f"{path!r} is not a path: it has a NUL character"
+        return f"{path!r} is not a path: it has a NUL character", False
     if want_dir and not stat.S_ISDIR(mode):
-        return f"{path} is not a directory"
+        return f"{path} is {_kind(mode)}, not a directory", True
     if not want_dir and not stat.S_ISREG(mode):
-        return f"{path} is not a regular file"
-    return ""
+        return f"{path} is {_kind(mode)}, not a regular file", True
+    return "", True
+
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "of another type")
 
 
 def location_problem(location: SectorLocation) -> str:
@@ -47,11 +74,18 @@ def location_problem(location: SectorLocation) -> str:
     return path_problem(location.sealed_file, False) or path_problem(location.cache_dir, True)
 
 
-def first_present(paths: list[tuple[str, str]], want_dir: bool) -> tuple[str, str] | None:
-    """The first (store, path) whose path is there (blocking)."""
+def first_present(
+    paths: list[tuple[str, str]], want_dir: bool, wrong: list[tuple[str, str, str]] | None = None
+) -> tuple[str, str] | None:
+    """The first (store, path) whose path is there (blocking). Each (store, path, why) before
+    it where something else is (`look_at`: another type of file, a symlink loop) is added to
+    `wrong`, when given: nothing more is looked at for it."""
     for store, path in paths:
-        if not path_problem(path, want_dir):
+        problem, there = look_at(path, want_dir)
+        if not problem:
             return store, path
+        if there and wrong is not None:
+            wrong.append((store, path, problem))
     return None
 
 

@@ -35,7 +35,8 @@ remembered. A sector no provider located although one of them failed (an
 error, a timeout) gets its last known location if the files are still there (checked in a
 thread with a time bound, in the reserve `bounds.phases` keeps), marked cached with its age;
 if they are not, it is `missing` (a fault for the prover). A sector every provider said it does
-not know is `not_found`, and forgotten. A provider's failures are logged (a warning at most
+not know is `not_found`, and forgotten; one a provider found in part (`BrokenLocation`) is
+`missing` with its reason, and forgotten too. A provider's failures are logged (a warning at most
 every `FAILURE_LOG_EVERY` seconds while it fails, an info line when it answers again), so an
 outage hidden by the next provider or the cache is still said. An outage that begins and ends
 within `FAILURE_LOG_EVERY` of the last warning (a flapping source) is counted, and said by the
@@ -60,6 +61,7 @@ from .cache import CacheEntry, CacheRules, SectorCache
 from .files import DEFAULT_THREADS, check_locations
 from .model import (
     Bounds,
+    BrokenLocation,
     SectorAccessRefused,
     SectorAnswer,
     SectorLocation,
@@ -130,6 +132,8 @@ class _Outcome:
     """What the providers said about one sector in one batch."""
 
     found: tuple[SectorLocation, str] | None = None
+    #: The first provider's that found the sector in part, the rest gone or of the wrong type.
+    broken: tuple[BrokenLocation, str] | None = None
     not_known: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -249,6 +253,14 @@ class SectorLocator:
                 answers[sector] = SectorAnswer(sector, "found", location, provider, False, 0.0, why)
             elif outcome.errors:
                 fallback.append((sector, outcome))
+            elif outcome.broken is not None:  # found in part: its files are what is wrong
+                self.cache.forget(sector)
+                self._count("missing")
+                broken, provider = outcome.broken
+                answers[sector] = SectorAnswer(
+                    sector, "missing", broken.location, provider, False, 0.0,
+                    broken.problem + _not_known_to(outcome),
+                )  # fmt: skip
             else:
                 self.cache.forget(sector)
                 self._count("not_found")
@@ -276,8 +288,9 @@ class SectorLocator:
         groups: dict[tuple[str, str], list[tuple[SectorRef, str, CacheEntry]]] = {}
         for sector, outcome in fallback:
             why = "; ".join(outcome.errors)
-            if outcome.not_known:  # (the next thing to look at: the store scan found nothing)
-                why += f" (not known to {', '.join(outcome.not_known)})"
+            if outcome.broken is not None:  # what the scan found of it, and what is wrong
+                why += f"; {outcome.broken[1]}: {outcome.broken[0].problem}"
+            why += _not_known_to(outcome)  # (next to look at: the store scan found nothing)
             entry = self.cache.last_known(sector, now)
             if entry is None:
                 answers[sector] = SectorAnswer(
@@ -384,6 +397,15 @@ class SectorLocator:
                 self._answered(provider.name)
             elif isinstance(location, SectorLocation) and location.textual():
                 outcome.found = (location, provider.name)
+                self._answered(provider.name)
+            elif (
+                isinstance(location, BrokenLocation)
+                and isinstance(location.location, SectorLocation)
+                and location.location.textual()
+                and isinstance(location.problem, str)
+            ):
+                if outcome.broken is None:
+                    outcome.broken = (location, provider.name)
                 self._answered(provider.name)
             else:
                 message = f"{sector}: answered {text_of(location, repr):.300}, not a SectorLocation"
@@ -643,6 +665,11 @@ class SectorLocator:
             "keep_for": self.rules.keep_for,
             "snapshot": None if self.snapshot is None else self.snapshot.status(now),
         }
+
+
+def _not_known_to(outcome: _Outcome) -> str:
+    """' (not known to A, B)' for the providers that said they do not know the sector."""
+    return f" (not known to {', '.join(outcome.not_known)})" if outcome.not_known else ""
 
 
 def _outages(unsaid: _Unsaid) -> str:

@@ -7,12 +7,14 @@ what a provider is, and the time a batch of lookups may take.
 - `SectorLocation`: the sealed file's and the cache directory's paths, and the names of the stores
   that hold them when known (a damocles source node answers names; the scan knows the store).
 - `SectorAnswer`: one sector's answer: `status` is `found`, `not_found` (no provider knows the
-  sector), `missing` (its last known files are gone, or their storage did not answer: a fault for
-  the prover, not an error) or `error` (no provider could answer and nothing was cached); it says
-  which provider gave the location, whether it came from the cache and how old it is.
+  sector), `missing` (its last known files are gone, or their storage did not answer; or a
+  provider found only part of it, a `BrokenLocation`: a fault for the prover, not an error) or
+  `error` (no provider could answer and nothing was cached); it says which provider gave the
+  location, whether it came from the cache and how old it is.
 - `SectorProvider`: what a plugin's `dext_sector_providers` hook returns: a `name` and
   `async find(sector) -> SectorLocation | None` (None: this provider does not know the sector; an
-  exception: it could not answer). `SectorSettings` is what the hook is given.
+  exception: it could not answer; a `BrokenLocation`: it found part of the sector, and says
+  what is wrong with the rest). `SectorSettings` is what the hook is given.
 - `Bounds`: the time a batch may take, derived from the caller's deadline (`budget`), and how it
   is shared between the providers and the last-known-location checks (`phases`); `Unasked`: a
   provider's share of it ran out before it was asked for some of the batch's sectors (how long
@@ -78,6 +80,18 @@ class SectorLocation:
 
 
 @dataclass(frozen=True, slots=True)
+class BrokenLocation:
+    """A provider's answer for a sector it found part of, the rest gone or not what it should
+    be (the scan: a cache directory whose sealed file is gone, a sealed file that is a FIFO):
+    `location` where its files are or should be, `problem` what is wrong and what to do (naming
+    the sector). Not a location to prove from: the next providers are asked, and if none finds
+    the sector it is answered `missing`, with `problem`."""
+
+    location: SectorLocation
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
 class SectorAnswer:
     """One sector's answer from the locator."""
 
@@ -90,7 +104,8 @@ class SectorAnswer:
     cached: bool = False
     #: Seconds since the provider gave the location (0 for a fresh answer).
     age: float | None = None
-    #: Why the sector is not found, missing or in error; empty when found.
+    #: Why the sector is not found, missing or in error (for a `BrokenLocation`, its
+    #: `problem`); empty when found.
     detail: str = ""
 
     @property
@@ -130,12 +145,13 @@ class SectorProvider(Protocol):
     An optional `async aclose()` is awaited when the locator closes. An optional
     `async find_batch(sectors) -> Mapping[SectorRef, SectorLocation | None]` is used instead of
     `find` for several sectors at once (a sector missing from its answer: not known); the time
-    bound of one lookup then holds for the whole batch."""
+    bound of one lookup then holds for the whole batch. `find` may also answer a
+    `BrokenLocation`: the sector found in part, what is wrong with the rest."""
 
     @property
     def name(self) -> str: ...
 
-    async def find(self, sector: SectorRef) -> SectorLocation | None: ...
+    async def find(self, sector: SectorRef) -> SectorLocation | BrokenLocation | None: ...
 
 
 class SectorProviderError(Exception):

@@ -14,7 +14,11 @@ on each (`jobs.client.RpcClient`). A source that cannot be reached is not asked 
 `down_for` seconds (the lookups in between fail at once, and fall back as any failure does).
 
 `StoreScan` looks for `<store>/sealed/s-t0<miner>-<number>` and `<store>/cache/…` in every store,
-in worker threads with a time bound (files.py): a stalled store makes it fail, never hang.
+in worker threads with a time bound (files.py): a stalled store makes it fail, never hang. A
+sector found in part (its cache directory there and its sealed file gone, or either of the wrong
+type: a FIFO, a symlink loop) is a `BrokenLocation` saying which store and what is wrong, not
+"not known". That costs a sector found whole no look more, one found nowhere a look at its cache
+directory in each store.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ from ..jobs.endpoint import Endpoint, parse_endpoint
 from ..jobs.model import SectorAccessStores, Text
 from ..jobs.paths import StoreMap
 from ..threads import NoThreadError
-from .files import DEFAULT_THREADS, first_present, in_thread
+from .files import DEFAULT_THREADS, first_present, in_thread, path_problem
 from .model import (
+    BrokenLocation,
     SectorAccessRefused,
     SectorLocation,
     SectorProvider,
@@ -62,6 +67,13 @@ DEFAULT_DOWN_FOR = 2.0
 NO_ANSWER_AFTER = 1.0
 #: One store look bounded on its own too, for a scan used without a locator.
 DEFAULT_SCAN_TIMEOUT = 10.0
+#: What to do about a sector the scan found in part (`BrokenLocation.problem`'s end).
+BROKEN_ADVICE = (
+    "a prover here answers it faulty: restore the sector's files (from a copy, or attach the"
+    " store it was moved to), or remove what is left of it if the sector is gone"
+)
+#: What the scan answers for a sector: where it is, what is wrong with it, or None (not known).
+Found = SectorLocation | BrokenLocation | None
 #: What of the source's own error a lookup's reason shows: it is in every sector's answer and
 #: log line, and an answer may be 64 KiB (a chain of proxies' reasons take a few hundred).
 MAX_SHOWN = 1000
@@ -256,21 +268,71 @@ class StoreScan:
             for name in self.stores.stores
         ]
 
-    def _look(self, sectors: Sequence[SectorRef]) -> dict[SectorRef, SectorLocation | None]:
-        """Blocking: each sector's files, looked for in each store."""
-        found: dict[SectorRef, SectorLocation | None] = {}
+    def _look(self, sectors: Sequence[SectorRef]) -> dict[SectorRef, Found]:
+        """Blocking: each sector's files, looked for in each store. A sector with nothing of it
+        in any store is None (not known); one found in part, a `BrokenLocation` saying why."""
+        found: dict[SectorRef, Found] = {}
         for sector in sectors:
-            sealed = first_present(self.candidates(sector, "sealed"), False)
-            cache = first_present(self.candidates(sector, "cache"), True) if sealed else None
-            if sealed is None or cache is None:
-                found[sector] = None
-            else:
+            wrong: list[tuple[str, str, str]] = []  # (store, path, why): something else there
+            sealed = first_present(self.candidates(sector, "sealed"), False, wrong)
+            wrong_sealed = len(wrong)
+            cache = first_present(self.candidates(sector, "cache"), True, wrong)
+            if sealed is not None and cache is not None:
                 found[sector] = SectorLocation(sealed[1], cache[1], sealed[0], cache[0])
+            elif sealed is None and cache is None and not wrong:
+                found[sector] = None
+            else:  # (rare: the looks below cost what they cost)
+                parts = {"sealed": sealed, "cache": cache}
+                found[sector] = self._broken(
+                    sector, parts, {"sealed": wrong[:wrong_sealed], "cache": wrong[wrong_sealed:]}
+                )
         return found
 
-    async def find_batch(
-        self, sectors: Sequence[SectorRef]
-    ) -> dict[SectorRef, SectorLocation | None]:
+    def _broken(
+        self,
+        sector: SectorRef,
+        parts: dict[str, tuple[str, str] | None],
+        wrong: dict[str, list[tuple[str, str, str]]],
+    ) -> BrokenLocation:
+        """Blocking: what is wrong with a sector found in part (`parts`: the (store, path) of
+        its sealed file and cache directory, None for one not found; `wrong`: by kind, each
+        (store, path, why) where something else is)."""
+        kinds = ("sealed", "cache")
+        there = [part[0] for part in parts.values() if part is not None]
+        anchor = (there or [w[0] for kind in kinds for w in wrong[kind]])[0]
+        others = len(self.stores.stores) - 1
+        where: dict[str, tuple[str, str]] = {}
+        problems = []
+        for kind in kinds:
+            part = parts[kind]
+            if part is not None:
+                where[kind] = part
+                continue
+            what, want_dir = (
+                ("sealed file", False) if kind == "sealed" else ("cache directory", True)
+            )
+            if wrong[kind]:
+                where[kind] = wrong[kind][0][:2]
+                whys = " and ".join(why for _, _, why in wrong[kind])
+            else:
+                path = self.stores.path_of(
+                    anchor, kind, sector.miner, sector.number, sector.upgrade
+                )
+                where[kind] = (anchor, path)
+                whys = path_problem(path, want_dir) or f"{path} was not there when looked at"
+                if others:
+                    whys += f" (nor in {_other_stores(self.stores.stores, anchor)})"
+            problems.append(f"its {what} {whys}")
+        location = SectorLocation(
+            where["sealed"][1], where["cache"][1], where["sealed"][0], where["cache"][0]
+        )
+        return BrokenLocation(
+            location,
+            f"{sector}: found in store {anchor} ({self.stores.stores[anchor]}), but"
+            f" {' and '.join(problems)}; {BROKEN_ADVICE}",
+        )
+
+    async def find_batch(self, sectors: Sequence[SectorRef]) -> dict[SectorRef, Found]:
         """The sectors' locations, one worker thread for the batch."""
         try:
             return await in_thread(self._look, sectors, limiter=self.limiter, timeout=self.timeout)
@@ -278,8 +340,17 @@ class StoreScan:
             what = str(sectors[0]) if len(sectors) == 1 else f"{len(sectors)} sectors"
             raise SectorProviderError(f"{what}: scanning the stores: {exc}") from None
 
-    async def find(self, sector: SectorRef) -> SectorLocation | None:
+    async def find(self, sector: SectorRef) -> Found:
         return (await self.find_batch([sector]))[sector]
+
+
+def _other_stores(stores: Mapping[str, str], but: str) -> str:
+    """'store b', 'stores b, c', 'stores b, c, d and 5 more': the stores other than `but`."""
+    from ..wording import some_and_more
+
+    others = [name for name in stores if name != but]
+    shown = some_and_more(others[:3], len(others))
+    return f"store {shown}" if len(others) == 1 else f"stores {shown}"
 
 
 def builtin_providers(
