@@ -3,6 +3,7 @@ Python alike, and proving really reads the replica."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ from damocles_ext.post.fixtures import create_sectors, load_manifest, window_tas
 from damocles_ext.post.layout import proof_params
 from damocles_ext.post.native import NativeProver
 from damocles_ext.post.verify import verify
-from damocles_ext.tasks import WinningPoSt
+from damocles_ext.tasks import PoStReplicaInfo, WinningPoSt
 
 TREE = "sc-02-data-tree-r-last.dat"
 SEED = bytes(range(32))
@@ -153,6 +154,24 @@ def test_wrong_comm_r_in_the_task_is_a_fault(prover, manifest):
     replicas[3] = msgspec.structs.replace(replicas[3], comm_r=bytes(32))
     out = prover.window_post(msgspec.structs.replace(task, replicas=replicas))
     assert out.faults == [replicas[3].sector_id]
+
+
+def test_a_tasks_first_20_faulty_sectors_are_said_with_their_reason_and_the_rest_counted(
+    prover, manifest, caplog, capfd
+):
+    # A lost mount: thousands of faults for one reason. The answer holds the numbers only; the
+    # log gets the first 20 reasons and one line for the rest, not a line per sector (a child's
+    # relayed stderr is capped: that flood would drop the lines that matter).
+    caplog.set_level(logging.WARNING, "damocles_ext.post")
+    lost = [PoStReplicaInfo(100 + i, bytes(32), "/nonexistent/c", "/nonexistent/s") for i in range(25)]  # fmt: skip
+    out = prover.window_post(msgspec.structs.replace(window_task(manifest, SEED), replicas=lost))
+    assert out.faults == list(range(100, 125)) and out.proofs == []
+    # python-ref logs them (the child's log); the C library writes them on stderr.
+    said = caplog.messages if prover is reference else capfd.readouterr().err.splitlines()
+    assert len(said) == 21, said
+    for sector, line in zip(range(100, 120), said, strict=False):
+        assert f"sector {sector} is faulty: cannot open sealed file /nonexistent/s:" in line
+    assert "window_post: 5 more faulty sectors, the first of them 120 and the last 124" in said[20]
 
 
 def test_every_damaged_sector_is_listed_in_ascending_order(prover, manifest):

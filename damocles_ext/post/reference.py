@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,12 @@ TREE_FILE_NAME = "sc-02-data-tree-r-last.dat"
 #: Beyond this a challenge would read 2^(rows+1) nodes: megabytes per challenge (same as the C).
 MAX_ROWS_TO_DISCARD = 20
 _SMALL_TREE_FILE = 1 << 20
+#: A WindowPoSt's faulty sectors whose reasons are logged, one line each (the C reference writes
+#: as many): a lost mount makes thousands of faults, all for one reason, and a child's log is
+#: capped (supervisor/stderr_relay.py), so the rest are one line with their count.
+FAULT_REASONS_LOGGED = 20
+
+log = logging.getLogger("damocles_ext.post.reference")
 
 Progress = Callable[[str, int, int], None]
 
@@ -143,8 +150,8 @@ def prove_sector(
     """Vanilla proof of one sector; raises _Fault with the reason when it is faulty."""
     try:
         return _prove_sector(params, replica, rand, sector_index)
-    except OSError as exc:
-        raise _Fault(f"sector {replica.sector_id}: {exc}") from None
+    except OSError as exc:  # (the sector is named by whoever says the reason)
+        raise _Fault(str(exc)) from None
 
 
 def _open_input(path: str, what: str) -> BinaryIO:
@@ -156,6 +163,8 @@ def _open_input(path: str, what: str) -> BinaryIO:
         fd = open_regular(path, wait_for_lease=True)
     except NotRegularFile:
         raise _Fault(f"{what} {path} is not a regular file") from None
+    except OSError as exc:
+        raise _Fault(f"cannot open {what} {path}: {exc.strerror or exc}") from None
     try:
         return open(fd, "rb", buffering=0)
     except BaseException:
@@ -261,11 +270,22 @@ def window_post(
             raise PoStCancelled(f"cancelled after {i} of {total} sectors")
         try:
             entries.append(encode_sector(prove_sector(params, replica, rand, i)))
-        except _Fault:
+        except _Fault as exc:
             faults.append(replica.sector_id)
+            if len(faults) <= FAULT_REASONS_LOGGED:  # the answer holds the numbers, not why
+                log.warning("window_post: sector %d is faulty: %s", replica.sector_id, exc)
         if progress:
             progress("window_post", i + 1, total)
     if faults:
+        if len(faults) > FAULT_REASONS_LOGGED:
+            log.warning(
+                "window_post: %d more faulty sectors, the first of them %d and the last %d"
+                " (their reasons are not logged: a task's first %d only are)",
+                len(faults) - FAULT_REASONS_LOGGED,
+                faults[FAULT_REASONS_LOGGED],
+                faults[-1],
+                FAULT_REASONS_LOGGED,
+            )
         return WindowPoStOutput(proofs=[], faults=faults)
     spp = params.sectors_per_partition
     proofs = []

@@ -1,4 +1,5 @@
 /* WindowPoSt and WinningPoSt: sector order, partitions, faults and the result object. */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -121,6 +122,18 @@ int32_t sorted_replica_order(const dext_post_task *task, size_t **order_out)
     return DEXT_OK;
 }
 
+/* A WindowPoSt's faulty sectors whose reasons are written on stderr, one line each (the result
+ * holds the sector ids only): a lost mount makes thousands of faults for one reason, and the
+ * host's log of a child's stderr is capped, so the rest are one line with their count. */
+#define FAULT_REASONS_WRITTEN 20
+
+/* One line on stderr, written by one call (a line of its own between other threads' lines). */
+static void say_fault(uint64_t sector_id, const char *why)
+{
+    fprintf(stderr, "dext reference prover: window_post: sector %llu is faulty: %s\n",
+            (unsigned long long)sector_id, why);
+}
+
 int32_t dext_window_post(dext_handle *handle, const dext_post_task *task,
                          dext_progress_fn progress, void *progress_ctx,
                          const volatile int32_t *cancel, dext_result **result_out)
@@ -176,10 +189,21 @@ int32_t dext_window_post(dext_handle *handle, const dext_post_task *task,
             set_error("out of memory proving sector %llu", (unsigned long long)rep->sector_id);
             goto out;
         }
-        if (rc > 0)
+        if (rc > 0) {
             faults[fault_count++] = rep->sector_id; /* ascending: we walk in sector id order */
+            if (fault_count <= FAULT_REASONS_WRITTEN)
+                say_fault(rep->sector_id, why);
+        }
         progress_report(&prog, i + 1);
     }
+    if (fault_count > FAULT_REASONS_WRITTEN)
+        fprintf(stderr,
+                "dext reference prover: window_post: %zu more faulty sectors, the first of them "
+                "%llu and the last %llu (their reasons are not written: a task's first %d only "
+                "are)\n",
+                fault_count - FAULT_REASONS_WRITTEN,
+                (unsigned long long)faults[FAULT_REASONS_WRITTEN],
+                (unsigned long long)faults[fault_count - 1], FAULT_REASONS_WRITTEN);
 
     size_t spp = p.sectors_per_partition;
     size_t partitions = fault_count ? 0 : (n + spp - 1) / spp;
