@@ -250,10 +250,30 @@ def test_prove_says_a_faulty_sector_means_no_proof_though_it_exits_0(sectors: Pa
         (sectors / "moved").rename(sectors / "s" / "sealed" / "s-t01000-2")
     assert done.returncode == 0, done.stderr
     assert '"proofs":[]' in done.stdout and '"faults":[2]' in done.stdout
+    # One line: the supervisor's warning of the faults is prove's own line here; why, the
+    # prover's log says (its lines are info).
     assert done.stderr == (
-        "1 faulty sector: 2; no proof: prove again without them (--sectors with --manifest)\n"
+        "1 faulty sector: 2; no proof: prove again without them (--sectors with --manifest);"
+        " --log-level info shows why (the prover's log)\n"
     )
     assert "faulty sectors and no proof" in _dext("prove", "--help").stdout
+
+
+def test_prove_at_log_level_info_shows_why_each_sector_is_faulty(sectors: Path):
+    # It showed the numbers only, at every level: a lost file looked like a wrong comm_r.
+    (sectors / "s" / "sealed" / "s-t01000-2").rename(sectors / "moved")
+    try:
+        done = _dext("prove", "window_post", "--manifest", "s/manifest.json", "--seed", SEED,
+                     "-c", "native.cfg", "--no-progress", "--log-level", "info", cwd=sectors)  # fmt: skip
+    finally:
+        (sectors / "moved").rename(sectors / "s" / "sealed" / "s-t01000-2")
+    assert done.returncode == 0, done.stderr
+    sealed = sectors / "s" / "sealed" / "s-t01000-2"
+    assert f"sector 2 is faulty: cannot open sealed file {sealed}: No such file" in done.stderr
+    assert done.stderr.count("faulty sector") == 1, done.stderr  # prove's line, not a twin
+    assert done.stderr.endswith(
+        "1 faulty sector: 2; no proof: prove again without them (--sectors with --manifest)\n"
+    )
 
 
 def test_a_partition_of_faulty_sectors_is_said_in_one_short_line_ending_with_what_to_do(capsys):

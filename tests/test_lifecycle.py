@@ -78,7 +78,13 @@ def test_faults_are_an_outcome_of_their_own_and_a_wrong_stage_is_an_error():
     ready(book, "a")
     faulty = WindowPoStOutput(proofs=[], faults=[1])  # the task's sectors are 0 and 1
     req, _ = book.submit(1, window_task(), 0.0)
-    assert book.answered("a", 1, 1.0, output=faulty) == [Resolve(req, faulty, None, "fault")]
+    # The answer holds the faulty sectors' numbers only: a warning names them and where the
+    # prover says why (its log lines), before the answer.
+    said = "request 1 (window_post): 1 faulty sector, no proof: 1; the log lines of a (pid 100)"
+    assert book.answered("a", 1, 1.0, output=faulty) == [
+        Note("warning", f"{said} say why", child="a", pid=100, request_id=1, faults=1),
+        Resolve(req, faulty, None, "fault"),
+    ]
     req, _ = book.submit(2, window_task(), 1.0)
     (res,) = resolved(book.answered("a", 2, 2.0, output=WinningPoStOutput(proofs=[])))
     assert res.error == "request 2 (window_post): a (pid 100) answered with a winning_post output"

@@ -265,6 +265,8 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
             check_startable(config, children, plugin_manager=plugin_manager)
             from damocles_ext.frontends.prove import prove_in_process
 
+            # Its faults are said on prove's own line (_emit): the supervisor's note is dropped.
+            logging.getLogger("damocles_ext.supervisor").addFilter(_not_a_faults_note)
             with _one_line_errors():
                 output = prove_in_process(
                     children,
@@ -334,6 +336,22 @@ def _check_jobs_args(args: argparse.Namespace) -> None:
 FAULTS_SHOWN = 20
 
 
+def _not_a_faults_note(record: logging.LogRecord) -> bool:
+    """False for the supervisor's record of a request answered with faulty sectors."""
+    return getattr(record, "faults", None) is None
+
+
+def _reasons_not_shown(args: argparse.Namespace) -> bool:
+    """Whether the children proved here and their log, where the provers say why each sector
+    is faulty (the output has their numbers only), is below the level logged."""
+    in_process = getattr(args, "config", None) is not None or getattr(args, "conf_dir", None)
+    return (
+        bool(in_process)
+        and getattr(args, "jobs", None) is None
+        and not logging.getLogger("damocles_ext.child").isEnabledFor(logging.INFO)
+    )
+
+
 def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
     from damocles_ext.protocol.jsonl import output_to_json
     from damocles_ext.wording import some_and_more
@@ -357,6 +375,8 @@ def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
                 else "leave them out of the task's replicas"
             )
             listed += f"; no proof: prove again without them ({how})"
+        if _reasons_not_shown(args):
+            listed += "; --log-level info shows why (the prover's log)"
         print(f"{len(faults)} {noun}: {listed}", file=sys.stderr)
     if path is None:
         sys.stdout.buffer.write(data)

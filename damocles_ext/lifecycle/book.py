@@ -41,6 +41,7 @@ from ..scheduling.children import cannot_serve
 from ..scheduling.policy import ChildSlots
 from ..tasks import Output, Task, output_problem, stage_of
 from ..tasks import WindowPoStVanillaOutput as VanillaOutput
+from ..wording import some_and_more
 from .effects import Effect, Note, ReportProgress
 from .records import (
     DEXT,
@@ -50,7 +51,7 @@ from .records import (
     StdinWatch,
     TrackedRequest,
 )
-from .rules import BookRules
+from .rules import _WITH_FAULTS, BookRules
 
 
 class RequestBook(BookRules):
@@ -356,6 +357,8 @@ class RequestBook(BookRules):
                 if self.scheduler.breaker.news:  # a proof here benches a failing sibling
                     self._bench_news(now, out)
                 c.done += 1
+                if isinstance(output, _WITH_FAULTS) and output.faults and not req.done:
+                    out.append(_faults_note(req, process, output.faults))
                 self._resolve(req, out, now, output=output)
             else:
                 c.failed += 1
@@ -579,3 +582,21 @@ class RequestBook(BookRules):
             where = f" (last on {req.child})" if req.child else " (still queued)"
             self._resolve(req, out, now, error=f"request {req.rid} ({req.stage}): {why}{where}")
         return out
+
+
+#: Faulty sectors a request's warning names (the answer holds them all; prove's line shows as
+#: many).
+FAULTS_NAMED = 20
+
+
+def _faults_note(req: TrackedRequest, process: ProcessRecord, faults: list[int]) -> Note:
+    """The warning for a request answered with faulty sectors: the answer gives their numbers
+    only; why each is faulty is the prover's to say, in its log (the built-in provers say it
+    there, one line a sector)."""
+    count = len(faults)
+    listed = some_and_more([str(f) for f in faults[:FAULTS_NAMED]], count)
+    text = (
+        f"request {req.rid} ({req.stage}): {count} faulty sector{'s' if count != 1 else ''},"
+        f" no proof: {listed}; the log lines of {process.who} say why"
+    )
+    return Note("warning", text, process.child.name, process.pid, req.rid, count)

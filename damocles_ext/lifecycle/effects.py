@@ -85,12 +85,16 @@ class ReportProgress(msgspec.Struct, frozen=True):
 
 class Note(msgspec.Struct, frozen=True):
     """Something the operator should see in the log (`level`: a logging level name); `child`
-    and `pid` name the process it is about, for the record's fields (JSON logs)."""
+    and `pid` name the process it is about, `request_id` the request, for the record's fields
+    (JSON logs); `faults`: how many faulty sectors a request was answered with (the note that
+    says so)."""
 
     level: str
     message: str
     child: str | None = None
     pid: int | None = None
+    request_id: int | None = None
+    faults: int | None = None
 
 
 Effect = Send | SendCancel | Kill | Resolve | Retry | ReportProgress | Note

@@ -45,6 +45,10 @@ def log_note(effect: Note, children: Mapping[str, Child]) -> None:
     if not log.isEnabledFor(level):
         return
     fields = _child_fields(effect.child, effect.pid, children)
+    if effect.request_id is not None:
+        fields["request_id"] = effect.request_id
+    if effect.faults is not None:
+        fields["faults"] = effect.faults
     log.log(level, "%s", effect.message, extra=fields)
 
 
