@@ -274,6 +274,29 @@ async def test_a_job_in_the_store_is_pulled_proved_on_a_child_and_its_proofs_sto
     verify_window_post(task, WindowPoStOutput(list(done.Output.proofs), []))
 
 
+async def test_a_sector_that_does_not_match_its_comm_r_is_not_blamed_on_its_files(
+    store_url, make_rig, tmp_path, caplog
+):
+    # The job's line said "faulty (their files cannot be read here)" of every fault, sending
+    # the operator to check mounts for a sector whose files read fine: the prover says why.
+    caplog.set_level(logging.INFO, "damocles_ext")
+    base = tmp_path / "mnt" / "store-a"
+    manifest = sectors(base, PROOF_TYPE, 2, random_seed=3)
+    ids = tuple(r.sector_id for r in manifest.replicas)
+    comm_rs = [bytes.fromhex(manifest.replicas[0].comm_r), bytes(32)]  # the second's is wrong
+    rig = make_rig(store_url, {"store-a": str(base)})
+    job, _ = await rig.jobs.create(job_input(sector_ids=ids, comm_rs=comm_rs))
+    kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
+    worker = Worker(rig.settings(kids, attached={"store-a": str(base)}))
+    await run_until(rig, worker, lambda: worker.counters.delivered == 1)
+    done = await rig.jobs.get(job.Id)
+    assert done.Output is not None and done.Output.faults == (ids[1],)
+    [line] = logged(caplog, f"job {job.Id}: 1 of its 2 sectors are faulty")
+    assert line.startswith(f"job {job.Id}: 1 of its 2 sectors are faulty: {ids[1]}; the prover")
+    assert "cannot be read here" not in line
+    assert logged(caplog, f"sector {ids[1]} is faulty: comm_r of sector {ids[1]} does not match")
+
+
 async def test_the_pulled_line_shows_the_partitions_as_wdpost_list_does(rig, tmp_path, caplog):
     # A job without partitions (serve --jobs makes them so) was logged "partitions None".
     caplog.set_level(logging.INFO, "damocles_ext")

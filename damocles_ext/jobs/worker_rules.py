@@ -632,11 +632,14 @@ def no_child_can_prove(children: Sequence[tuple[str, str, str, str | None]]) -> 
 
 
 def faults_text(job: PulledJob, faults: Sequence[int]) -> str:
-    """The log line for a proof that found some of the job's sectors faulty."""
-    shown = ", ".join(map(str, faults[:20])) + (" ..." if len(faults) > 20 else "")
+    """The log line for a proof that found some of the job's sectors faulty. Why each one is,
+    the answer does not say (sector numbers only): the prover's log lines do, the built-in
+    provers' one a sector; this line names no cause, which may be a file or its data."""
+    shown = some_and_more([str(f) for f in faults[:20]], len(faults))
     return (
-        f"job {job.Id}: {len(faults)} of its {len(job.Input.Sectors or ())} sectors are faulty"
-        f" (their files cannot be read here): {shown}"
+        f"job {job.Id}: {len(faults)} of its {len(job.Input.Sectors or ())} sectors are faulty:"
+        f" {shown}; the prover's log lines say why (a file missing or unreadable here, or data"
+        " that does not check out against the sector's comm_r)"
     )
 
 
