@@ -81,6 +81,27 @@ async def test_a_call_the_store_does_not_answer_fails_after_its_timeout_and_a_ca
         await trio.to_thread.run_sync(store.close)
 
 
+async def test_an_allocation_the_store_does_not_answer_fails_after_its_timeout_as_unavailable(
+    proxy, postgres_url
+):
+    # The store's allocate is called through a functools.partial, which has no __name__: its
+    # timeout's message raised AttributeError (an "internal error" and a traceback for the
+    # worker's call, no outage told to the hearing) instead of StoreUnavailable.
+    from damocles_ext.jobs import rules
+    from damocles_ext.jobs.store import StoreUnavailable
+
+    store = await trio.to_thread.run_sync(JobStore.open, proxy.url(postgres_url))
+    try:
+        jobs = TrioJobStore(store, call_timeout=1.0)
+        await jobs.create(make_input())
+        proxy.stall()
+        with trio.fail_after(60), pytest.raises(StoreUnavailable, match=r"no answer to allocate "):
+            await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+    finally:
+        proxy.resume()
+        await trio.to_thread.run_sync(store.close)
+
+
 async def test_a_heartbeat_that_waited_through_a_stall_costs_its_job_no_try(proxy, postgres_url):
     # The heartbeat is stamped with the time it was sent, and lands 40 s later (a stall shorter
     # than the call timeout): the sweep after it does not take the job back for those 40 s.

@@ -106,7 +106,7 @@ class TrioJobStore:
             except NoThreadError as exc:  # the store was not asked
                 raise StoreUnavailable(f"job store {self.store.where}: {exc}") from None
         raise StoreUnavailable(
-            f"job store {self.store.where}: no answer to {fn.__name__} within {self.call_timeout:g}"
+            f"job store {self.store.where}: no answer to {_name(fn)} within {self.call_timeout:g}"
             " s; the database hangs (its host frozen or the network stalled?): check it; the call"
             " is not waited for"
         )
@@ -173,6 +173,11 @@ class TrioJobStore:
 
     async def cleanup(self, limit: int = DEFAULT_PASS_LIMIT) -> Outcome:
         return await self._run(self.store.cleanup, self.clock(), limit=limit, wrote=_stored)
+
+
+def _name(fn: Callable[..., Any]) -> str:
+    """The name of the store's method `fn` calls (a functools.partial has none of its own)."""
+    return getattr(fn, "__name__", None) or _name(getattr(fn, "func", repr))
 
 
 def _read(_result: object) -> bool:
