@@ -5,6 +5,7 @@ and serve and the coordinator still stop when told to."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 
@@ -13,6 +14,7 @@ import trio
 from helpers.frontend import DEXT, CoordinatorProcess, ManagerLike, dext_with
 from helpers.stalling_proxy import StallingProxy
 from helpers.supervisor import wait_until
+from sqlalchemy.engine import make_url
 from test_coordinator import heartbeat_body
 from test_jobs_rules import make_input
 from test_producer import finish_as_worker, send_until_created, stop, task_in_store_a
@@ -137,6 +139,122 @@ async def test_a_heartbeat_that_waited_through_a_stall_costs_its_job_no_try(prox
     finally:
         proxy.resume()
         await trio.to_thread.run_sync(store.close)
+
+
+def stall_lines(caplog) -> list[str]:
+    """The coordinator's lines about its store's stalls, in order."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "damocles_ext.coordinator" and r.getMessage().startswith("the job store ")
+    ]
+
+
+async def test_a_store_call_that_stalls_is_warned_within_seconds_naming_the_store_and_the_method(
+    proxy, postgres_url, caplog, mock_clock
+):
+    # A worker's heartbeat waits on a stalled store: the coordinator said nothing for a minute
+    # (the sweep's "database hangs", at its call timeout), while the worker's own call timed out
+    # after 10 s saying the coordinator was overloaded or stuck. Now one warning once the call
+    # has waited SLOW_CALL (5 s), naming the store and the method, and one line when the store
+    # answers again. The time moves only in the test's jumps.
+    from damocles_ext.frontends.coordinator import Coordinator
+    from damocles_ext.jobs import rules
+
+    caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
+    # With a password (the test server trusts its socket): the warning does not show it.
+    url = make_url(proxy.url(postgres_url)).set(password="s3cret")
+    store = await trio.to_thread.run_sync(JobStore.open, url.render_as_string(hide_password=False))
+    try:
+        jobs = TrioJobStore(store)
+        coordinator = Coordinator(jobs, watch_clocks=False)
+        job, _ = await jobs.create(make_input())
+        await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+        beat = heartbeat_body([job.Id], "worker-a")
+        answered = trio.Event()
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(coordinator.sweep_forever, 3600.0)  # no pass in the test
+                proxy.stall()
+
+                async def heartbeat() -> None:
+                    assert b'"result"' in (await coordinator.answer(beat))[1]
+                    answered.set()
+
+                nursery.start_soon(heartbeat)
+                await proxy.holding()
+                mock_clock.jump(4)
+                await trio.testing.wait_all_tasks_blocked()
+                assert stall_lines(caplog) == []  # (4 s: not yet)
+                mock_clock.jump(2)
+                await trio.testing.wait_all_tasks_blocked()
+                [warning] = stall_lines(caplog)
+                mock_clock.jump(30)  # once per stall
+                await trio.testing.wait_all_tasks_blocked()
+                assert stall_lines(caplog) == [warning]
+                proxy.resume()
+                await answered.wait()
+                mock_clock.jump(1)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+    finally:
+        proxy.resume()
+        await trio.to_thread.run_sync(store.close)
+    assert warning.startswith(
+        f"the job store {store.where} has not answered Venus.WdPoStHeartbeatJobs (its heartbeat"
+        " call) for 6 s: its database is stalled or very slow"
+    ), warning
+    assert "s3cret" not in warning and "a line says when it answers again" in warning
+    again = f"the job store {store.where} answers again, after a stall of 36 s"
+    assert stall_lines(caplog) == [warning, again]
+    [record] = [r for r in caplog.records if r.getMessage() == warning]
+    assert record.levelno == logging.WARNING
+
+
+async def test_a_sweep_that_waits_on_a_stalled_store_is_warned_once_per_stall(
+    proxy, postgres_url, caplog, mock_clock
+):
+    from damocles_ext.frontends.coordinator import Coordinator
+
+    caplog.set_level(logging.INFO, logger="damocles_ext.coordinator")
+    store = await trio.to_thread.run_sync(JobStore.open, proxy.url(postgres_url))
+    try:
+        coordinator = Coordinator(TrioJobStore(store), watch_clocks=False)
+        sweep, swept = coordinator.sweep_once, [trio.Event()]
+
+        async def counted():  # the real pass, told
+            try:
+                return await sweep()
+            finally:
+                swept[0].set()
+
+        coordinator.sweep_once = counted
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(coordinator.sweep_forever, 10.0)
+                for stall in range(2):
+                    proxy.stall()
+                    swept[0] = trio.Event()
+                    mock_clock.jump(10)  # the next pass, stuck
+                    await proxy.holding()
+                    mock_clock.jump(6)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert len(stall_lines(caplog)) == 2 * stall + 1, stall_lines(caplog)
+                    proxy.resume()
+                    await swept[0].wait()
+                    mock_clock.jump(1)
+                    await trio.testing.wait_all_tasks_blocked()
+                nursery.cancel_scope.cancel()
+    finally:
+        proxy.resume()
+        await trio.to_thread.run_sync(store.close)
+    lines = stall_lines(caplog)
+    assert len(lines) == 4, lines
+    for warning, again in (lines[0:2], lines[2:4]):
+        assert warning.startswith(
+            f"the job store {store.where} has not answered the sweep (its sweep call) for 6 s:"
+        ), warning
+        assert again == f"the job store {store.where} answers again, after a stall of 6 s"
 
 
 async def test_serve_answers_a_request_by_its_deadline_when_the_store_hangs(

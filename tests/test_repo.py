@@ -87,6 +87,7 @@ SANS_IO = [
     "config/damocles_worker_values.py",  # typed reads of damocles-worker.toml's tables
     "config/damocles_worker_locks.py",  # damocles-worker.toml's ext locks made ours
     "jobs/outage.py",  # one line when something starts failing, one when it works again
+    "jobs/stalls.py",  # the job store's calls in flight, a stall's warning and its end
     "jobs/paths.py",  # a sector's paths <-> damocles store names
     "jobs/worker_rules.py",  # the worker's decisions: what to ask for, retry, give up, paths
     "jobs/worker_settings.py",  # the worker's inputs, whatever read them

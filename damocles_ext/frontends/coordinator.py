@@ -29,7 +29,7 @@ from ..jobs.outage import Outage
 from ..jobs.pings import PausedWorkers
 from ..jobs.silence import Hearing
 from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, StoreLost, TrioJobStore
-from ..jobs.trio_store import SKEW_CHECK_EVERY
+from ..jobs.trio_store import SKEW_CHECK_EVERY, calling
 from ..threads import NoThreadError, run_in_thread
 from .coordinator_clock import ServerClock
 from .dext_rpc import DextMethods
@@ -157,6 +157,7 @@ class Coordinator:
 
     async def handle(self, call: rpc.Call) -> Any:
         namespace, _, name = call.method.partition(".")
+        calling.set(call.method)  # (named by the warning of a store call that stalls)
         try:
             if namespace == "Dext":
                 return await self.dext.call(name, call.params)
@@ -268,9 +269,12 @@ class Coordinator:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """The sweeps (`_sweeps`) and, beside them, the warnings of job rows held elsewhere."""
+        """The sweeps (`_sweeps`) and, beside them, the warnings of job rows held elsewhere and
+        of store calls that stall (TrioJobStore.watch_stalls)."""
+        calling.set("the sweep")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.held.run)
+            nursery.start_soon(self.store.watch_stalls, log)
             await self._sweeps(sweep_interval, cleanup_interval, task_status)
 
     async def _sweeps(self, sweep_interval: float | None, cleanup_interval: float | None,

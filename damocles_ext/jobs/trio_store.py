@@ -1,6 +1,7 @@
 """The job store for trio code: `TrioJobStore` runs each blocking call of a `store.JobStore` in
 a worker thread under a small limiter, within a timeout, and tells a coordinator's
-`silence.Hearing` when the store was unavailable to a call. Importable from
+`silence.Hearing` when the store was unavailable to a call; `watch_stalls` says when a call has
+waited SLOW_CALL seconds for it, and when it answers again (`stalls.Stalls`). Importable from
 `damocles_ext.jobs.store` as well."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
@@ -25,6 +27,7 @@ from .database import (
 )
 from .model import JobOutput, JobRecord, WdPoStInput
 from .silence import Hearing
+from .stalls import LOOK_EVERY, Stalls, name_of
 
 if TYPE_CHECKING:
     from .store import JobStore, Outcome
@@ -34,6 +37,10 @@ R = TypeVar("R")
 
 #: How long a call of TrioJobStore waits for the database (beyond SQLite's busy timeout).
 DEFAULT_CALL_TIMEOUT = 60.0
+
+#: What the store calls of this task are made for (an RPC method, "the sweep"), for the warning of
+#: a call that waits on a stalled store (`TrioJobStore.watch_stalls`); "": not said.
+calling: ContextVar[str] = ContextVar("damocles_ext_store_calling", default="")
 
 
 class TrioJobStore:
@@ -70,6 +77,8 @@ class TrioJobStore:
         #: Told when the store is unavailable to a call, answers again, or answers slowly (a
         #: coordinator's sweeps count a job's silence by it); None: nothing is told.
         self.hearing: Hearing | None = None
+        #: The calls in flight, and the stall said of them (`watch_stalls`).
+        self.stalls = Stalls(store.where)
 
     def _clock(self) -> float:
         return self.local_clock() + self.offset
@@ -79,6 +88,7 @@ class TrioJobStore:
         """`fn(*args, **kwargs)` in a thread, told to the hearing; `wrote(result)`: whether the
         call's answer shows a write landed (a read's does not: a full disk still answers it)."""
         started, began = self.clock(), self.monotonic()
+        token = self.stalls.begin(began, calling.get(), fn)
         try:
             result = await self.in_thread(fn, *args, **kwargs)
         except StoreUnavailable as exc:
@@ -89,13 +99,24 @@ class TrioJobStore:
         except StoreError:  # answered, with a refusal or an error of the statement
             self._answered(started, began, wrote=False)
             raise
+        finally:
+            self.stalls.end(token)
         self._answered(started, began, wrote=wrote(result))
         return result
 
     def _answered(self, started: float, began: float, *, wrote: bool) -> None:
+        ended = self.stalls.answered_at = self.monotonic()
         if self.hearing is not None:
-            took = self.monotonic() - began
-            self.hearing.call_answered(started, self.clock(), took, wrote=wrote)
+            self.hearing.call_answered(started, self.clock(), ended - began, wrote=wrote)
+
+    async def watch_stalls(self, logger: logging.Logger, every: float = LOOK_EVERY) -> None:
+        """Until cancelled, every `every` seconds: a warning when a call has waited SLOW_CALL
+        seconds for the store (once per stall), a line when the store answers again."""
+        while True:
+            await trio.sleep(every)
+            said = self.stalls.look(self.monotonic())
+            if said is not None:
+                logger.log(logging.WARNING if said[0] else logging.INFO, "%s", said[1])
 
     async def in_thread(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """`fn(*args, **kwargs)` in a worker thread of the store's, within call_timeout."""
@@ -106,7 +127,7 @@ class TrioJobStore:
             except NoThreadError as exc:  # the store was not asked
                 raise StoreUnavailable(f"job store {self.store.where}: {exc}") from None
         raise StoreUnavailable(
-            f"job store {self.store.where}: no answer to {_name(fn)} within {self.call_timeout:g}"
+            f"job store {self.store.where}: no answer to {name_of(fn)} within {self.call_timeout:g}"
             " s; the database hangs (its host frozen or the network stalled?): check it; the call"
             " is not waited for"
         )
@@ -173,11 +194,6 @@ class TrioJobStore:
 
     async def cleanup(self, limit: int = DEFAULT_PASS_LIMIT) -> Outcome:
         return await self._run(self.store.cleanup, self.clock(), limit=limit, wrote=_stored)
-
-
-def _name(fn: Callable[..., Any]) -> str:
-    """The name of the store's method `fn` calls (a functools.partial has none of its own)."""
-    return getattr(fn, "__name__", None) or _name(getattr(fn, "func", repr))
 
 
 def _read(_result: object) -> bool:
