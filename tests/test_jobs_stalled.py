@@ -257,6 +257,48 @@ async def test_a_sweep_that_waits_on_a_stalled_store_is_warned_once_per_stall(
         assert again == f"the job store {store.where} answers again, after a stall of 6 s"
 
 
+async def test_a_workers_call_held_up_by_a_stalled_store_times_out_naming_the_job_store(
+    proxy, postgres_url, mock_clock
+):
+    # The worker's timeout said only "check that the server is not overloaded or stuck": the
+    # operator looked at the coordinator process, not at its database.
+    from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+    from damocles_ext.jobs.client import RpcClient, RpcTimeout
+
+    store = await trio.to_thread.run_sync(JobStore.open, proxy.url(postgres_url))
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                server = CoordinatorServer(Coordinator(TrioJobStore(store)), "127.0.0.1", 0)
+                await nursery.start(server.serve)
+                proxy.stall()
+                said: list[str] = []
+                client = RpcClient(f"127.0.0.1:{server.port}", timeout=10)
+                async with client, trio.open_nursery() as calling:
+
+                    async def call() -> None:
+                        with pytest.raises(RpcTimeout) as caught:
+                            await client.call("Venus.WdPoStAllJobs")
+                        said.append(str(caught.value))
+
+                    calling.start_soon(call)
+                    await proxy.holding()  # the call waits on the store
+                    mock_clock.jump(10)
+                proxy.resume()
+                nursery.cancel_scope.cancel()
+    finally:
+        proxy.resume()
+        await trio.to_thread.run_sync(store.close)
+    assert said == [
+        (
+            f"no answer from http://127.0.0.1:{server.port}/rpc/v0 to Venus.WdPoStAllJobs within"
+            " 10 s; check that the server is not overloaded or stuck; a damocles-ext coordinator"
+            " may be waiting on its job store (its log warns of a store call that has waited"
+            " 5 s): then check the database"
+        )
+    ]
+
+
 async def test_serve_answers_a_request_by_its_deadline_when_the_store_hangs(
     proxy, postgres_url, tmp_path
 ):

@@ -127,6 +127,17 @@ WORKER_PROVER_RPC = (
 )
 
 
+#: What to check when a worker-prover RPC takes a call and does not answer it in time (RpcClient's
+#: `stuck_hint`): the server itself, or what it waits on (a coordinator's job store that stalls).
+WORKER_PROVER_STUCK = (
+    "check that the server is not overloaded or stuck; a damocles-ext coordinator may be waiting"
+    " on its job store (its log warns of a store call that has waited 5 s): then check the"
+    " database"
+)
+#: The same for any other RPC server.
+SERVER_STUCK = "check that the server is not overloaded or stuck"
+
+
 #: How to give an RpcClient's token (its `token_hint`), for the error of an HTTP 401 or 403.
 TOKEN_HINT = "give the one it takes: an 'Authorization: Bearer TOKEN' header, or --token-file"
 
@@ -144,14 +155,17 @@ class RpcClient:
         headers: list[tuple[str, str]] | None = None,
         serves: str = WORKER_PROVER_RPC,
         token_hint: str = TOKEN_HINT,
+        stuck_hint: str = WORKER_PROVER_STUCK,
     ) -> None:
         """`address` in any form `endpoint.parse_endpoint` takes (ValueError when it is none);
         `token` is sent as `Authorization: Bearer <token>`; `headers` are sent as given (as a
         damocles-worker's `rpc_client.headers`); `serves` names what should answer there, for
         the error when something else does; `token_hint` how to give the token, for the error
-        when the answer is HTTP 401 or 403."""
+        when the answer is HTTP 401 or 403; `stuck_hint` what to check when a call sent gets no
+        answer in time."""
         self.serves = serves
         self.token_hint = token_hint
+        self.stuck_hint = stuck_hint
         self.endpoint = address if isinstance(address, Endpoint) else parse_endpoint(address)
         self.url = self.endpoint.url
         self.timeout = timeout
@@ -221,8 +235,7 @@ class RpcClient:
                     await self.aclose()
         if not done:
             raise RpcTimeout(
-                f"no answer from {self.url} to {method} within {limit:g} s; check that the "
-                "server is not overloaded or stuck"
+                f"no answer from {self.url} to {method} within {limit:g} s; {self.stuck_hint}"
                 if connected
                 else f"no connection to {self.url} (for {method}) within {limit:g} s; check that"
                 f" {self.serves} runs there, the address, and that no firewall drops the packets",

@@ -30,6 +30,7 @@ import msgspec
 import trio
 
 from ..jobs.client import (
+    SERVER_STUCK,
     RpcCallError,
     RpcClient,
     RpcClientError,
@@ -148,6 +149,7 @@ class SourceNode:
                 headers=list(headers),
                 serves=SOURCE_RPC,
                 token_hint=TOKEN_HINT,
+                stuck_hint=SERVER_STUCK,
             )
             for _ in range(max(1, connections))
         ]
