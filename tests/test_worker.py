@@ -1132,6 +1132,22 @@ def test_heartbeats_that_fail_are_said_once_and_once_more_when_they_are_answered
     assert beats.answered(50.0) is None
 
 
+def test_an_outage_does_not_count_the_time_nothing_was_tried():
+    # Heartbeats failing from 10, no job held (none sent) from 25 to 95 and from 97 to 100.
+    beats = heartbeats_outage()
+    beats.idle(5.0)  # (no outage: nothing to leave out)
+    assert beats.failed(10.0, "down") is not None and beats.failed(20.0, "down") is None
+    beats.idle(25.0)
+    beats.idle(30.0)  # (the first one counts)
+    assert beats.failed(95.0, "down") is None
+    beats.idle(97.0)
+    # 90 s, less the 70 and the 3 in which nothing was tried.
+    assert beats.answered(100.0) == "heartbeats are answered again, after 3 failed in 17 s"
+    # The next outage starts from nothing left over.
+    assert beats.failed(200.0, "down") is not None
+    assert beats.answered(210.0) == "heartbeats are answered again, after 1 failed in 10 s"
+
+
 def test_sector_paths_follow_damocles_layout_and_a_missing_store_names_store_and_job():
     sector = WdPoStSectorInfo(
         SectorId=7, CommR=(0,) * 32, Upgrade=True,

@@ -945,6 +945,48 @@ def outage_lines(caplog) -> list[str]:
     return [line for line in worker_lines(caplog) if line.startswith(starts)]
 
 
+async def test_heartbeats_answered_again_count_only_the_time_they_failed_not_the_idle_time_after(
+    tmp_path, caplog, mock_clock
+):
+    # A coordinator whose job store is down fails j1's heartbeats (3 of them, 1 s apart); j1's
+    # proof ends and is delivered, and the worker holds no job for 30 s, sending no heartbeat;
+    # then j2's first heartbeat is answered. The line said "after 3 failed in 33 s", the idle
+    # time counted as outage. The time moves only in the test's jumps (against()'s limit of 60 s
+    # is on it too); the proofs, 2 s long, in real time.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    failing, ready = [True], [False]
+    down = Error(1, "job store unavailable")
+    script = {
+        "Dext.AllocateJobs": lambda params, n: (
+            [job("j1")] if n == 1 else [job("j2")] if ready[0] else []
+        ),
+        "Dext.HeartbeatJobs": lambda params, n: down if failing[0] else [],
+    }
+    proof = plugin_block("WdPost", "sleep", seconds=2, progress_interval=0.05)
+    settings = {"heartbeat_interval": 1.0, "idle_poll": 1.0, "ping_interval": 1000.0}
+    async with against(tmp_path, script, proof, **settings) as (coordinator, worker):
+        await until(worker, coordinator, lambda: "j1" in worker.held)
+        while beats(coordinator) < 3:
+            await jump(mock_clock, 1)
+        failed_at = coordinator.times_of("Dext.HeartbeatJobs")
+        await until(worker, coordinator, lambda: worker.counters.delivered == 1)
+        assert not worker.held
+        failing[0] = False
+        for _ in range(15):  # 30 s with no job held
+            await jump(mock_clock, 2)
+        ready[0] = True
+        while beats(coordinator) < 4:
+            await jump(mock_clock, 1)
+        await until(worker, coordinator, lambda: worker.counters.delivered == 2)
+    lines = worker_lines(caplog)
+    assert len([line for line in lines if line.startswith("the heartbeats of the jobs")]) == 1
+    [again] = [line for line in lines if line.startswith("heartbeats are answered again")]
+    # From the first failure (1 s) to the first tick that found no job held (5 s: the first
+    # jump of 2 s after the proof ended); the next answer ends it.
+    assert failed_at == [1.0, 2.0, 3.0]
+    assert again == "heartbeats are answered again, after 3 failed in 4 s", again
+
+
 @pytest.mark.parametrize("via", ["Dext.HeartbeatJobs", "Venus.WorkerPing"])
 async def test_a_coordinator_down_while_the_only_slot_proves_is_shown_unreachable_by_its_calls(
     tmp_path, caplog, mock_clock, via

@@ -575,6 +575,9 @@ class Worker:
         self.heard()
         self.touch()
 
+    def beats_idle(self) -> None:
+        self._beats_failing.idle(trio.current_time())
+
     # -- the manager's reachability, and its heartbeats' ----------------------------------------
     # Apart: a heartbeat sent and not answered (no answer in time, cut, a proxy's 502) is judged
     # by the heartbeats' outage alone. A manager whose heartbeat handler is stuck while its other

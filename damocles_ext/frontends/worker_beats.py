@@ -62,6 +62,11 @@ class Beating(Protocol):
         not connect during it (`heard`)."""
         ...
 
+    def beats_idle(self) -> None:
+        """No job is held, so no heartbeat is sent: the heartbeats' outage, if any, does not
+        count the time until the next one."""
+        ...
+
     def heard(self) -> None:
         """A whole answer (a JSON-RPC error too): the manager's outage ends if a call could not
         connect during it."""
@@ -87,6 +92,8 @@ async def heartbeat_forever(worker: Beating, beats: RpcClient, interval: float) 
             await heartbeat_leased(worker, beats, leased)
         if plain:
             await heartbeat_plain(worker, beats, plain)
+        if not (leased or plain):
+            worker.beats_idle()
 
 
 def failed(worker: Beating, exc: RpcClientError) -> None:

@@ -21,11 +21,16 @@ class Outage:
     502 or 503 for the server behind it), so the server is down, not merely slow or stuck: then
     an answer to a call that alone would not end the outage (the worker's heartbeats and pings,
     which a stuck manager may answer while its allocations hang) ends it too (`heard`). It is
-    the outage's own, and ends with it."""
+    the outage's own, and ends with it.
+
+    `idle`: nothing is tried for now (a worker that holds no job sends no heartbeat); the time
+    from then to the next failure or answer is not counted in the outage's length."""
 
     down_since: float | None = None
     failures: int = 0
     unconnected: bool = False
+    idle_since: float | None = None
+    idle_for: float = 0.0
     begins: str = (
         "the manager is unreachable ({why}); running proofs go on, no job is asked for, and"
         " results are kept and sent again until it answers"
@@ -38,16 +43,30 @@ class Outage:
         self.failures += 1
         if self.down_since is not None:
             self.unconnected = self.unconnected or connect
+            self._tried(now)
             return None
         self.down_since, self.unconnected = now, connect
         return self.begins.format(why=what)
+
+    def idle(self, now: float) -> None:
+        """Nothing is tried from `now` on, until the next failure or answer: that time is not
+        counted in the outage's length (nothing failed in it)."""
+        if self.down_since is not None and self.idle_since is None:
+            self.idle_since = now
+
+    def _tried(self, now: float) -> None:
+        if self.idle_since is not None:
+            self.idle_for += now - self.idle_since
+            self.idle_since = None
 
     def answered(self, now: float) -> str | None:
         """The line to log when a call got an answer, or None when there was no outage."""
         if self.down_since is None:
             return None
-        lasted, self.down_since = now - self.down_since, None
+        self._tried(now)
+        lasted, self.down_since = now - self.down_since - self.idle_for, None
         failures, self.failures, self.unconnected = self.failures, 0, False
+        self.idle_for = 0.0
         return self.ends.format(lasted=lasted, failures=failures)
 
     def heard(self, now: float) -> str | None:
