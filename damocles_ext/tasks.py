@@ -182,6 +182,8 @@ class WindowPoStSnarkOutput(
 
 Task = WindowPoSt | WinningPoSt | WindowPoStVanilla | WindowPoStSnark
 Output = WindowPoStOutput | WinningPoStOutput | WindowPoStVanillaOutput | WindowPoStSnarkOutput
+#: The outputs that report faulty sectors (`faults`).
+OUTPUTS_WITH_FAULTS = (WindowPoStOutput, WindowPoStVanillaOutput)
 #: The tasks and outputs of damocles-manager's own two stages (no split step): what its JSON
 #: lines carry and what a caller submits and gets back.
 PoStTask = WindowPoSt | WinningPoSt

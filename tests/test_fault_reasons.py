@@ -90,3 +90,28 @@ async def test_serve_names_the_faulty_sectors_and_why_on_its_stderr(tmp_path, st
         f"WARNING damocles_ext.supervisor: request 1 (window_post): 2 faulty sectors, no proof:"
         f" {lost}, {mismatched}; the log lines of window_post#0 (pid "
     ) in log, log
+
+
+def test_the_faults_note_is_dropped_while_any_front_end_that_says_them_itself_runs(caplog):
+    # Two front ends in one process (two workers, a worker and prove): the first to end must
+    # not bring the supervisor's note back while the other still says its faults itself.
+    from damocles_ext.lifecycle import Note
+    from damocles_ext.supervisor.effect_log import faults_said_elsewhere, log_note
+
+    caplog.set_level(logging.INFO, "damocles_ext.supervisor")
+    note = Note("warning", "request 7 (window_post): 2 faulty sectors", None, None, 7, 2)
+    other = Note("warning", "something else", None, None, 7)
+
+    def said() -> list[str]:
+        messages = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        return messages
+
+    with faults_said_elsewhere():
+        with faults_said_elsewhere():
+            log_note(note, {})
+        log_note(note, {})
+        log_note(other, {})
+        assert said() == ["something else"]
+    log_note(note, {})
+    assert said() == ["request 7 (window_post): 2 faulty sectors"]

@@ -295,6 +295,8 @@ async def test_a_sector_that_does_not_match_its_comm_r_is_not_blamed_on_its_file
     assert line.startswith(f"job {job.Id}: 1 of its 2 sectors are faulty: {ids[1]}; the prover")
     assert "cannot be read here" not in line
     assert logged(caplog, f"sector {ids[1]} is faulty: comm_r of sector {ids[1]} does not match")
+    # Said once, on the job's line: not again by the supervisor's note of the request.
+    assert not logged(caplog, "1 faulty sector, no proof")
 
 
 async def test_the_pulled_line_shows_the_partitions_as_wdpost_list_does(rig, tmp_path, caplog):

@@ -264,10 +264,10 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
             plugin_manager = get_plugin_manager()
             check_startable(config, children, plugin_manager=plugin_manager)
             from damocles_ext.frontends.prove import prove_in_process
+            from damocles_ext.supervisor.effect_log import faults_said_elsewhere
 
             # Its faults are said on prove's own line (_emit): the supervisor's note is dropped.
-            logging.getLogger("damocles_ext.supervisor").addFilter(_not_a_faults_note)
-            with _one_line_errors():
+            with _one_line_errors(), faults_said_elsewhere():
                 output = prove_in_process(
                     children,
                     task,
@@ -334,11 +334,6 @@ def _check_jobs_args(args: argparse.Namespace) -> None:
 
 #: Faulty sectors listed on stderr at most (the output holds them all).
 FAULTS_SHOWN = 20
-
-
-def _not_a_faults_note(record: logging.LogRecord) -> bool:
-    """False for the supervisor's record of a request answered with faulty sectors."""
-    return getattr(record, "faults", None) is None
 
 
 def _reasons_not_shown(args: argparse.Namespace) -> bool:

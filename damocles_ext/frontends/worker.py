@@ -63,6 +63,7 @@ from ..jobs.worker_rules import (
     runnable_capacity,
 )
 from ..stages import child_stages
+from ..supervisor.effect_log import faults_said_elsewhere
 from .worker_beats import heartbeat_forever
 from .worker_jobs import deliver, proof_of
 from .worker_ping import ping_forever
@@ -178,6 +179,12 @@ class Worker:
 
         Raises UsageError (exit 2) for what the operator must fix: a bad address, a store the
         manager does not know, a refused token."""
+        # A job's faults are said on its own line (its id, the sectors): not a second time by
+        # the supervisor's note of the request that proved it.
+        with faults_said_elsewhere():
+            await self._run(task_status)
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         try:
             endpoint = self.settings.endpoint
         except ValueError as exc:

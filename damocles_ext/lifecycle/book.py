@@ -39,7 +39,7 @@ from collections.abc import Iterable
 
 from ..scheduling.children import cannot_serve
 from ..scheduling.policy import ChildSlots
-from ..tasks import Output, Task, output_problem, stage_of
+from ..tasks import OUTPUTS_WITH_FAULTS, Output, Task, output_problem, stage_of
 from ..tasks import WindowPoStVanillaOutput as VanillaOutput
 from ..wording import some_and_more
 from .effects import Effect, Note, ReportProgress
@@ -51,7 +51,7 @@ from .records import (
     StdinWatch,
     TrackedRequest,
 )
-from .rules import _WITH_FAULTS, BookRules
+from .rules import BookRules
 
 
 class RequestBook(BookRules):
@@ -357,7 +357,7 @@ class RequestBook(BookRules):
                 if self.scheduler.breaker.news:  # a proof here benches a failing sibling
                     self._bench_news(now, out)
                 c.done += 1
-                if isinstance(output, _WITH_FAULTS) and output.faults and not req.done:
+                if isinstance(output, OUTPUTS_WITH_FAULTS) and output.faults and not req.done:
                     out.append(_faults_note(req, process, output.faults))
                 self._resolve(req, out, now, output=output)
             else:

@@ -20,11 +20,10 @@ from ..scheduling.policy import (
 )
 from ..stages import WINDOW_POST_SPLIT
 from ..tasks import (
+    OUTPUTS_WITH_FAULTS,
     Output,
     WindowPoSt,
-    WindowPoStOutput,
     WindowPoStSnark,
-    WindowPoStVanillaOutput,
     WinningPoSt,
 )
 from .deadlines import Alarms
@@ -42,8 +41,6 @@ from .records import (
     StdinWatch,
     TrackedRequest,
 )
-
-_WITH_FAULTS = (WindowPoStOutput, WindowPoStVanillaOutput)  # outputs that report faulty sectors
 
 #: A WinningPoSt's error that no other child can give a second opinion on runs again where
 #: it failed, once, if it came less than this many seconds after the request arrived. Its block
@@ -285,7 +282,7 @@ class BookRules:
         if error is not None:
             outcome = outcome or "error"
         elif outcome is None:
-            faulty = isinstance(output, _WITH_FAULTS) and bool(output.faults)
+            faulty = isinstance(output, OUTPUTS_WITH_FAULTS) and bool(output.faults)
             outcome = "fault" if faulty else "ok"
         out.append(Resolve(req, output if error is None else None, error, outcome, late))
 

@@ -8,8 +8,9 @@ Built only for a record that is logged: a request that goes well makes none of t
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -37,6 +38,30 @@ def log_retry(effect: Retry, children: Mapping[str, Child]) -> None:
         effect.max_attempts,
         extra=fields,
     )
+
+
+def _not_a_faults_note(record: logging.LogRecord) -> bool:
+    return getattr(record, "faults", None) is None
+
+
+_faults_said_elsewhere = 0  # the front ends within faults_said_elsewhere()
+
+
+@contextlib.contextmanager
+def faults_said_elsewhere() -> Iterator[None]:
+    """Within: the note of a request answered with faulty sectors is not logged. A front end
+    that says them on a line of its own (a worker's job, prove's output) would have them said
+    twice; the prover's own lines, with each sector's reason, still are."""
+    global _faults_said_elsewhere
+    if not _faults_said_elsewhere:
+        log.addFilter(_not_a_faults_note)
+    _faults_said_elsewhere += 1
+    try:
+        yield
+    finally:
+        _faults_said_elsewhere -= 1
+        if not _faults_said_elsewhere:
+            log.removeFilter(_not_a_faults_note)
 
 
 def log_note(effect: Note, children: Mapping[str, Child]) -> None:
