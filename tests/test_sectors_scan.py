@@ -2,7 +2,9 @@
 its sealed file gone, or either of the wrong type: a regular file for the cache directory, a
 symlink loop, a FIFO) is answered missing, saying in which store it was found and what is wrong
 with the rest, by the locator, `sectors find` and `prove --comm-r`; a sector with nothing of it
-in any store is still not known to any provider."""
+in any store is still not known to any provider. A sector whole in one store is found there,
+whatever another store left of it; one split over two stores, as damocles may keep it, is found
+in both, but never with a part of a leftover."""
 
 from __future__ import annotations
 
@@ -115,8 +117,10 @@ async def test_a_sector_the_scan_finds_in_part_is_missing_and_says_where_and_wha
     assert nowhere.detail == (
         f"sector 6 of miner {MINER} is not known to any provider (asked: scan of 2 stores)"
     )
-    assert elsewhere.status == "found"
-    assert elsewhere.location.sealed_file == str(sealed_path(stores["b"], 7))
+    assert elsewhere.status == "found"  # both its files from store b, none from a's leftover
+    assert elsewhere.location == SectorLocation(
+        str(sealed_path(stores["b"], 7)), str(cache_path(stores["b"], 7)), "b", "b"
+    )
     assert (status["missing"], status["not_found"], status["source_errors"]) == (4, 1, {})
     assert metrics.registry.get_sample_value("damocles_ext_sector_missing_total") == 4
     assert locator.cached(SectorRef(MINER, 1)) is None  # not a location to prove from
@@ -187,3 +191,117 @@ def test_sectors_find_says_in_which_store_each_sector_found_in_part_is_and_what_
     [row] = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert (row["status"], row["sealed_store"]) == ("missing", "a")
     assert "is a symlink loop" in row["detail"] and "not known" not in row["detail"]
+
+
+def sealed_file_only(root: Path, number: int) -> None:
+    sealed_path(root, number).write_bytes(b"half a replica")
+
+
+#: What a store may have left of a sector that is whole in another store.
+LEFTOVERS = {
+    "a FIFO as sealed file, and a cache directory": sealed_file_a_fifo,
+    "a symlink loop as sealed file, and a cache directory": sealed_file_a_symlink_loop,
+    "a sealed file, and a regular file as cache directory": cache_dir_a_file,
+    "a cache directory alone": no_sealed_file,
+    "a sealed file alone": sealed_file_only,
+}
+
+
+def empty_stores(tmp_path: Path, names: str) -> dict[str, Path]:
+    made = {name: tmp_path / name for name in names}
+    for root in made.values():
+        (root / "sealed").mkdir(parents=True)
+        (root / "cache").mkdir()
+    return made
+
+
+async def scanned(stores: dict[str, Path], order: str, number: int = 7):
+    """Sector `number` as the scan of `stores` in `order` answers it."""
+    scan = StoreScan({name: str(stores[name]) for name in order})
+    async with SectorLocator([scan]) as locator:
+        [answer] = await locator.locate([SectorRef(MINER, number)])
+    return answer
+
+
+def both_in(stores: dict[str, Path], name: str, number: int = 7) -> SectorLocation:
+    root = stores[name]
+    return SectorLocation(str(sealed_path(root, number)), str(cache_path(root, number)), name, name)
+
+
+@pytest.mark.parametrize("leftover", list(LEFTOVERS))
+async def test_a_sector_whole_in_one_store_is_found_there_whatever_another_store_left_of_it(
+    tmp_path, leftover
+):
+    # Its sealed file and its cache directory were each taken from the first store that had
+    # one: with the leftover's store first, a sealed file from one store was paired with the
+    # leftover cache directory of the other (or the other way round), and proved faulty.
+    stores = empty_stores(tmp_path, "ab")
+    LEFTOVERS[leftover](stores["a"], 7)
+    whole(stores["b"], 7)
+    for order in ("ab", "ba"):
+        answer = await scanned(stores, order)
+        assert (answer.status, answer.location) == ("found", both_in(stores, "b")), order
+
+
+async def test_a_sector_split_over_two_stores_as_damocles_keeps_it_is_found_in_both(tmp_path):
+    stores = empty_stores(tmp_path, "ab")
+    sealed_file_only(stores["a"], 7)
+    cache_path(stores["b"], 7).mkdir()
+    split = SectorLocation(
+        str(sealed_path(stores["a"], 7)), str(cache_path(stores["b"], 7)), "a", "b"
+    )
+    for order in ("ab", "ba"):
+        answer = await scanned(stores, order)
+        assert (answer.status, answer.location) == ("found", split), order
+
+
+async def test_a_split_sector_is_never_paired_with_what_a_broken_leftover_has(tmp_path):
+    # Store a: a FIFO as sealed file beside a cache directory; store b: a sealed file alone.
+    # a's cache directory is a broken leftover's: the sector is missing, said of store a,
+    # not found with b's sealed file and a's cache directory.
+    stores = empty_stores(tmp_path, "abc")
+    sealed_file_a_fifo(stores["a"], 7)
+    sealed_file_only(stores["b"], 7)
+    for order in ("ab", "ba"):
+        answer = await scanned(stores, order)
+        assert answer.status == "missing", (order, answer.location)
+        assert answer.location == both_in(stores, "a"), order
+        assert answer.detail == (
+            f"sector 7 of miner {MINER}: found in store a ({stores['a']}), but its sealed file"
+            f" {sealed_path(stores['a'], 7)} is a FIFO, not a regular file; {BROKEN_ADVICE}"
+        ), order
+    # With its cache directory whole in store c, it is found in b and c.
+    cache_path(stores["c"], 7).mkdir()
+    split = SectorLocation(
+        str(sealed_path(stores["b"], 7)), str(cache_path(stores["c"], 7)), "b", "c"
+    )
+    for order in ("abc", "cba"):
+        answer = await scanned(stores, order)
+        assert (answer.status, answer.location) == ("found", split), order
+
+
+async def test_the_scan_looks_at_a_sector_found_whole_once_per_part_and_a_store_before_it_once(
+    tmp_path, monkeypatch
+):
+    stores = empty_stores(tmp_path, "abc")
+    whole(stores["a"], 1)
+    whole(stores["c"], 2)  # nothing of it in a nor b
+    sealed_file_only(stores["a"], 4)  # split: its cache directory in b
+    cache_path(stores["b"], 4).mkdir()
+    looked: list[str] = []
+    real_stat = os.stat
+
+    def counting_stat(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            looked.append(str(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting_stat)
+    # 2: a's and b's sealed file, then c's and its cache directory; 3: nowhere, each part in
+    # each store; 4: each sealed file, a's cache directory, then b's (c's is not looked at).
+    for number, looks, status in ((1, 2, "found"), (2, 4, "found"), (3, 6, "not_found"),
+                                  (4, 5, "found")):  # fmt: skip
+        looked.clear()
+        answer = await scanned(stores, "abc", number)
+        assert answer.status == status, answer
+        assert len(looked) == looks, looked

@@ -74,21 +74,6 @@ def location_problem(location: SectorLocation) -> str:
     return path_problem(location.sealed_file, False) or path_problem(location.cache_dir, True)
 
 
-def first_present(
-    paths: list[tuple[str, str]], want_dir: bool, wrong: list[tuple[str, str, str]] | None = None
-) -> tuple[str, str] | None:
-    """The first (store, path) whose path is there (blocking). Each (store, path, why) before
-    it where something else is (`look_at`: another type of file, a symlink loop) is added to
-    `wrong`, when given: nothing more is looked at for it."""
-    for store, path in paths:
-        problem, there = look_at(path, want_dir)
-        if not problem:
-            return store, path
-        if there and wrong is not None:
-            wrong.append((store, path, problem))
-    return None
-
-
 async def in_thread(
     function: Callable[..., T],
     *args: object,

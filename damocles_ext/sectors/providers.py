@@ -17,8 +17,11 @@ on each (`jobs.client.RpcClient`). A source that cannot be reached is not asked 
 in worker threads with a time bound (files.py): a stalled store makes it fail, never hang. A
 sector found in part (its cache directory there and its sealed file gone, or either of the wrong
 type: a FIFO, a symlink loop) is a `BrokenLocation` saying which store and what is wrong, not
-"not known". That costs a sector found whole no look more, one found nowhere a look at its cache
-directory in each store.
+"not known". The first store holding both files whole is where a sector is; only when none does
+are they taken from two stores (damocles may keep them apart), never from a store with something
+of the sector's of the wrong type (a leftover). A sector whole in the k-th store costs k + 1
+looks; one found nowhere a look at each file in each store; one split over two stores a look at
+each sealed file and at the cache directories up to the one taken.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from ..jobs.endpoint import Endpoint, parse_endpoint
 from ..jobs.model import SectorAccessStores, Text
 from ..jobs.paths import StoreMap
 from ..threads import NoThreadError
-from .files import DEFAULT_THREADS, first_present, in_thread, path_problem
+from .files import DEFAULT_THREADS, in_thread, look_at, path_problem
 from .model import (
     BrokenLocation,
     SectorAccessRefused,
@@ -273,22 +276,78 @@ class StoreScan:
     def _look(self, sectors: Sequence[SectorRef]) -> dict[SectorRef, Found]:
         """Blocking: each sector's files, looked for in each store. A sector with nothing of it
         in any store is None (not known); one found in part, a `BrokenLocation` saying why."""
-        found: dict[SectorRef, Found] = {}
-        for sector in sectors:
-            wrong: list[tuple[str, str, str]] = []  # (store, path, why): something else there
-            sealed = first_present(self.candidates(sector, "sealed"), False, wrong)
-            wrong_sealed = len(wrong)
-            cache = first_present(self.candidates(sector, "cache"), True, wrong)
-            if sealed is not None and cache is not None:
-                found[sector] = SectorLocation(sealed[1], cache[1], sealed[0], cache[0])
-            elif sealed is None and cache is None and not wrong:
-                found[sector] = None
-            else:  # (rare: the looks below cost what they cost)
-                parts = {"sealed": sealed, "cache": cache}
-                found[sector] = self._broken(
-                    sector, parts, {"sealed": wrong[:wrong_sealed], "cache": wrong[wrong_sealed:]}
-                )
-        return found
+        return {sector: self._look_one(sector) for sector in sectors}
+
+    def _look_one(self, sector: SectorRef) -> Found:
+        """Blocking: the first store that holds both of the sector's files; else, as damocles
+        may keep them, its sealed file from one store and its cache directory from another,
+        neither from a store with something of the wrong type (a leftover: none of it is
+        taken); else what is wrong. A store's cache directory is looked at as soon as its
+        sealed file is found (a sector whole in the k-th store costs k + 1 looks), the others'
+        only when no store holds it whole, up to the first one to take."""
+        kinds = ("sealed", "cache")
+        paths = {kind: self.candidates(sector, kind) for kind in kinds}
+        # (why not, something there) of each kind in each store, as it is looked at
+        looks: dict[str, list[tuple[str, bool] | None]] = {
+            kind: [None] * len(paths[kind]) for kind in kinds
+        }
+
+        def look(kind: str, i: int) -> tuple[str, bool]:
+            found = looks[kind][i]
+            if found is None:
+                found = looks[kind][i] = look_at(paths[kind][i][1], kind == "cache")
+            return found
+
+        def whole(kind: str, i: int) -> bool:
+            return not look(kind, i)[0]
+
+        def leftover(i: int) -> bool:
+            """Something of the sector's of the wrong type in store `i`."""
+            return any(why and there for why, there in (look(kind, i) for kind in kinds))
+
+        stores = range(len(paths["sealed"]))
+        for i in stores:
+            if whole("sealed", i) and whole("cache", i):
+                store = paths["sealed"][i][0]
+                return SectorLocation(paths["sealed"][i][1], paths["cache"][i][1], store, store)
+        # No store holds it whole: every sealed file is looked at, and the cache directory beside
+        # each one found; the other cache directories up to the first one to take.
+        sealed_at = next((i for i in stores if whole("sealed", i) and not leftover(i)), None)
+        cache_at = None
+        if sealed_at is not None:
+            cache_at = next((i for i in stores if whole("cache", i) and not leftover(i)), None)
+        if sealed_at is not None and cache_at is not None:
+            return SectorLocation(
+                paths["sealed"][sealed_at][1],
+                paths["cache"][cache_at][1],
+                paths["sealed"][sealed_at][0],
+                paths["cache"][cache_at][0],
+            )
+        # Rare: what is wrong, everything looked at.
+        wrong = {
+            kind: [
+                (*paths[kind][i], why)
+                for i in stores
+                for why, there in [look(kind, i)]
+                if why and there
+            ]
+            for kind in kinds
+        }
+        parts = {kind: next((i for i in stores if whole(kind, i)), None) for kind in kinds}
+        if parts == {"sealed": None, "cache": None} and not any(wrong.values()):
+            return None
+        if None not in parts.values():
+            # Each part whole somewhere, but one only beside a leftover: said of the first store
+            # with a leftover and a part whole (what is wrong there is what to put right).
+            at = next(i for i in stores if leftover(i) and any(whole(k, i) for k in kinds))
+            store = paths["sealed"][at][0]
+            parts = {kind: at if whole(kind, at) else None for kind in kinds}
+            wrong = {kind: [w for w in wrong[kind] if w[0] == store] for kind in kinds}
+        return self._broken(
+            sector,
+            {kind: None if i is None else paths[kind][i] for kind, i in parts.items()},
+            wrong,
+        )
 
     def _broken(
         self,
