@@ -410,3 +410,46 @@ async def test_a_step_of_the_wall_clock_reads_the_servers_clock_again_and_affect
     # Warned of as a machine whose clock is off, not as a step that costs anything.
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert "this machine's clock is 60.0 s ahead of the clock of the job store's" in warning
+
+
+async def test_a_reading_of_the_servers_clock_that_fails_after_a_step_is_tried_at_each_sweep(
+    postgres_url, caplog, monkeypatch
+):
+    # NTP steps this machine's clock 40 s forward and the reading of the server's clock the step
+    # asks for fails (a passing database error, a connection reset as the machine resumes): the
+    # next reading came 10 minutes later, the step never seen again; meanwhile the coordinator
+    # stamped and swept 40 s off the server's clock, and once the step's HeartbeatTimeout of
+    # protection was over took back live jobs heartbeated through other coordinators. It reads
+    # at each sweep until a reading works, and warns once meanwhile.
+    from helpers.supervisor import wait_until
+
+    from damocles_ext.frontends import coordinator_clock
+    from damocles_ext.frontends.coordinator import Coordinator
+
+    caplog.set_level(logging.DEBUG, "damocles_ext.coordinator")
+    failures = [0]
+
+    def reading(engine, clock):
+        if failures[0]:
+            failures[0] -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return clock_skew(engine, clock)
+
+    monkeypatch.setattr(coordinator_clock, "clock_skew", reading)
+    shift = [0.0]
+    with JobStore.open(postgres_url) as store:
+        jobs = TrioJobStore(store, clock=lambda: time.time() + shift[0])
+        coordinator = Coordinator(jobs)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(partial(coordinator.sweep_forever, 0.05))
+            failures[0], shift[0] = 2, 40.0
+            await wait_until(lambda: abs(jobs.clock() - time.time()) < 1, timeout=30,
+                             what="the server's clock read again")  # fmt: skip
+            nursery.cancel_scope.cancel()
+    assert failures[0] == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    (failed,) = [m for m in warned if "cannot read the clock" in m]
+    assert "connection reset by peer" in failed
+    assert "this machine's clock stepped since the last reading" in failed
+    assert "it is read again at each sweep" in failed
+    assert "the clock of the job store's server is read again" in caplog.text

@@ -12,7 +12,6 @@ JSON-RPC error on that request, never the end of the server.
 from __future__ import annotations
 
 import logging
-import math
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -299,7 +298,7 @@ class Coordinator:
             every = sweep_interval or rules.sweep_every(self.store.store.limits)
             clock = self.server_clock
             if clock.stepped(last):  # this machine's clock: the server's is read again at once
-                clock.next_read = -math.inf
+                clock.read_at_once()
             if trio.current_time() >= clock.next_read:  # (before the pass: its first too)
                 began = self._monotonic()
                 await clock.read_server()

@@ -2,10 +2,11 @@
 
 On PostgreSQL, every coordinator on the store keeps to the server's clock: it reads the server's
 clock as it starts, then every SKEW_CHECK_EVERY s (and at once after this machine's clock
-stepped), and sets its store's `offset` to the server's minus this machine's. Coordinators whose
-machines' clocks disagree then still stamp and sweep on one clock: each stamped heartbeats with
-its own, and one 40 s behind another had every job it gave out taken back by the other's sweep
-within seconds, its workers heartbeating all along. SQLite is one machine: its clock is kept.
+stepped: such a reading, as the first, is tried again at each sweep until one works), and sets
+its store's `offset` to the server's minus this machine's. Coordinators whose machines' clocks
+disagree then still stamp and sweep on one clock: each stamped heartbeats with its own, and one
+40 s behind another had every job it gave out taken back by the other's sweep within seconds,
+its workers heartbeating all along. SQLite is one machine: its clock is kept.
 
 Its sweeps see a step of the store's clock (this machine's stepped, or the offset changed) by
 comparing it with a clock that only moves forward, and count the step in the `Hearing`.
@@ -49,14 +50,29 @@ class ServerClock:
         #: When (trio's clock) the server's clock is read next: at once until it was read.
         self.next_read = -math.inf
         self._read = False
+        # A reading is wanted (the first, or one after this machine's clock stepped): tried
+        # again at each pass until one works, not SKEW_CHECK_EVERY s later; and whether its
+        # failure was warned of (once while they fail).
+        self._wanted = True
+        self._warned = False
         # The offset the hearing's times were read with: a change of it is a step of the clock.
         self._heard_offset = store.offset
+
+    def read_at_once(self) -> None:
+        """This machine's clock stepped: the server's is read at the next pass, and at each
+        one after until a reading works (a passing failure left this coordinator stamping and
+        sweeping the step off the server's clock for SKEW_CHECK_EVERY s: once the step's
+        HeartbeatTimeout of protection was over, it took back live jobs heartbeated through
+        other coordinators)."""
+        self._wanted = True
+        self.next_read = -math.inf
 
     async def read_server(self) -> None:
         """Read the server's clock and keep to it: `store.offset` set when it moved by
         OFFSET_TOLERANCE or more, said when this machine's is CLOCK_SKEW or more off it, when
-        that changes much and when they agree again. Never raises (a failed reading is tried
-        again at the next sweep until one worked, then every SKEW_CHECK_EVERY s)."""
+        that changes much and when they agree again. Never raises (a failed reading that was
+        wanted, the first or one after a step, is tried again at each sweep until one works,
+        and warned of once; another, SKEW_CHECK_EVERY s later)."""
         store = self.store
         if not store.store.is_postgresql:
             self.next_read = math.inf
@@ -64,11 +80,14 @@ class ServerClock:
         try:
             skew = await store.in_thread(clock_skew, store.store.engine, store.local_clock)
         except Exception as exc:  # noqa: BLE001 (a reading: never a reason for a sweep to stop)
-            log.debug("cannot read the clock of the store %s: %s", store.store.where, exc)
-            if self._read:
-                self.next_read = trio.current_time() + SKEW_CHECK_EVERY
+            self._failed(exc)
             return
         self.next_read = trio.current_time() + SKEW_CHECK_EVERY
+        self._wanted = False
+        if self._warned:
+            self._warned = False
+            log.info("the clock of the job store's server is read again: this coordinator"
+                     " keeps to it")  # fmt: skip
         if skew is None:
             return
         first, self._read = not self._read, True
@@ -108,6 +127,34 @@ class ServerClock:
             log.debug("keeping to the job store's server's clock (this one is %.3f s %s it)",
                       abs(skew), way)  # fmt: skip
         self.skew = None
+
+    def _failed(self, exc: Exception) -> None:
+        """A reading failed: tried again at the next pass when it was wanted (this coordinator
+        stamps on a clock that may be off the server's until one works: said once), else
+        SKEW_CHECK_EVERY s later (the offset read before still holds)."""
+        where = self.store.store.where
+        if not self._wanted:
+            log.debug("cannot read the clock of the store %s: %s", where, exc)
+            self.next_read = trio.current_time() + SKEW_CHECK_EVERY
+            return
+        self.next_read = -math.inf
+        if self._warned:
+            log.debug("cannot read the clock of the store %s yet: %s", where, exc)
+            return
+        self._warned = True
+        why = (
+            "this machine's clock stepped since the last reading"
+            if self._read
+            else "it was never read"
+        )
+        log.warning(
+            "cannot read the clock of the job store's PostgreSQL server (%s): %s; this"
+            " coordinator stamps heartbeats and sweeps on a clock that may be off the server's,"
+            " which the other coordinators keep to (%s): a job heartbeated through them may be"
+            " taken back early, a silent one late; it is read again at each sweep, and a line"
+            " says when that works",
+            where, exc, why,
+        )  # fmt: skip
 
     def stepped(self, last: tuple[float, float] | None) -> bool:
         """Whether this machine's wall clock stepped since `last` (as `watch` returned it)."""
