@@ -453,3 +453,46 @@ async def test_a_reading_of_the_servers_clock_that_fails_after_a_step_is_tried_a
     assert "this machine's clock stepped since the last reading" in failed
     assert "it is read again at each sweep" in failed
     assert "the clock of the job store's server is read again" in caplog.text
+
+
+async def test_serve_with_its_own_coordinator_keeps_to_the_servers_clock_from_its_start(
+    postgres_url, tmp_path
+):
+    # serve --jobs --listen read the server's clock only at its coordinator's first sweep, begun
+    # after it served; and its producer's store kept this machine's clock: 40 s behind the
+    # server, the producer's own sweep at a job's deadline (on the server's clock) found the
+    # deadline 40 s ahead and did nothing, the job left to the coordinator's next sweep. It
+    # reads the server's clock before it serves, and the producer sweeps on it.
+    import subprocess
+
+    from helpers.frontend import ManagerLike, dext_shifted
+    from test_producer import stop, task_in_store_a
+
+    # HeartbeatTimeout 10 minutes: the coordinator's sweeps 10 s apart (damocles' interval).
+    (tmp_path / "sector-manager.cfg").write_text(
+        '[Common.Proving.WorkerProver]\nHeartbeatTimeout = "10m"\n'
+    )
+    root, task, job_id = task_in_store_a(tmp_path)
+    argv = [*dext_shifted(-40.0), "serve", "window_post", "--jobs", postgres_url,
+            "--log-level", "debug", "--store", f"a={root}", "--conf-dir", str(tmp_path),
+            "--listen", "127.0.0.1:0", "--deadline-after", "2s", "--poll-interval", "60"]  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        m = await ManagerLike.start(
+            nursery, argv, "window_post", stderr=subprocess.PIPE, ready_timeout=30
+        )
+        serving = await m.wait_log("serving the worker-prover RPC at")
+        request_id = await m.send(task)
+        with trio.fail_after(30):
+            response = await m.wait(request_id)
+        assert f"job {job_id} was cancelled: its deadline passed at " in response.err_msg
+        await stop(m)
+    said = "\n".join(m.log)
+    behind = [i for i, line in enumerate(m.log) if "clock is 40.0 s behind the clock" in line]
+    assert behind and behind[0] < m.log.index(serving), said
+    # Cancelled by the producer's sweep at the deadline, not by the coordinator's next one.
+    assert f"sweep: job {job_id} cancelled" not in said, said
+    with JobStore.open(postgres_url, create=False) as store:
+        job = store.get(job_id)
+    assert job is not None and job.cancelled and job.not_after is not None
+    assert abs(job.CreatedAt - time.time()) < 15  # the server's clock (this test's machine's)
+    assert abs(job.not_after - job.CreatedAt - 2) < 1

@@ -128,6 +128,22 @@ class ServerClock:
                       abs(skew), way)  # fmt: skip
         self.skew = None
 
+    async def read_before_serving(self, within: float) -> None:
+        """`read_server`, waited for `within` s at most (serve --listen reads it before it
+        serves, its requests and signals unread meanwhile): a server that does not answer by
+        then is said, and read at each sweep until a reading works."""
+        with trio.move_on_after(within) as waited:
+            await self.read_server()
+        if waited.cancelled_caught:
+            self._warned = True
+            log.warning(
+                "the job store's PostgreSQL server (%s) did not answer within %g s when its"
+                " clock was read: this process serves on a clock that may be off the server's,"
+                " which the other coordinators keep to, until a sweep reads it (at each one"
+                " until that works; a line says when)",
+                self.store.store.where, within,
+            )  # fmt: skip
+
     def _failed(self, exc: Exception) -> None:
         """A reading failed: tried again at the next pass when it was wanted (this coordinator
         stamps on a clock that may be off the server's until one works: said once), else

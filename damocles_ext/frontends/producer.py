@@ -46,7 +46,7 @@ from ..tasks import (
     task_problem,
 )
 from ..threads import NoThreadError, run_in_thread
-from .serve import replay_held_signals
+from .serve import SERVE_CONNECT_TIMEOUT, replay_held_signals
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
 from .signals import stop_signals
 
@@ -518,6 +518,10 @@ async def run_producer(
         send = trio.lowlevel.FdStream(protocol_out)
         try:
             async with trio.open_nursery() as nursery:
+                if coordinator is not None:
+                    # On the server's clock before a job is made, given out or heartbeated
+                    # here: its sweeps, begun after it serves, were the only reading.
+                    await coordinator[0].server_clock.read_before_serving(SERVE_CONNECT_TIMEOUT)
                 producer.start_watches(nursery)
                 if coordinator is None:
                     nursery.start_soon(producer.watch_clock)

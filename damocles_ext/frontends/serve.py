@@ -23,7 +23,8 @@ log = logging.getLogger("damocles_ext.serve")
 #: Seconds `serve --jobs` waits for the database to take a connection (its own and every later
 #: one), and at its start for a lock another process holds on the store. damocles-manager waits
 #: 5 s (`stable_wait`) for the ready line, and the store is opened before it: a database that
-#: does not answer, or stays locked, fails the start with our reason, not its timeout.
+#: does not answer, or stays locked, fails the start with our reason, not its timeout. With
+#: --listen, also how long it waits for the server's clock before it serves (after the line).
 SERVE_CONNECT_TIMEOUT = 3
 
 
@@ -242,8 +243,12 @@ def serve_jobs(
 
             # A finish it takes wakes the request waiting for that job at once, not at its poll.
             rpc = Coordinator(TrioJobStore(store), settings.stores, observe=producer.observe)
-            # Its jobs' deadlines on the clock the coordinator sweeps with (a PostgreSQL's).
-            producer.clock = rpc.store.clock
+            # One clock, the one the coordinator stamps and sweeps with (a PostgreSQL server's):
+            # its jobs' deadlines and stamps, and the producer's own sweeps of them at their
+            # deadline or retry (on this machine's clock behind the server's, such a sweep
+            # found the deadline not passed, did nothing, and the job waited for the
+            # coordinator's next sweep).
+            producer.clock = producer.store.clock = rpc.store.clock
             coordinator = (rpc, CoordinatorServer(rpc, *listen, token=token, sock=listening))
         protocol_in, protocol_out = fds
         hold_stop_signals()
