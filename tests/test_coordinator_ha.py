@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import time
 from functools import partial
 
@@ -496,3 +497,30 @@ async def test_serve_with_its_own_coordinator_keeps_to_the_servers_clock_from_it
     assert job is not None and job.cancelled and job.not_after is not None
     assert abs(job.CreatedAt - time.time()) < 15  # the server's clock (this test's machine's)
     assert abs(job.not_after - job.CreatedAt - 2) < 1
+
+
+def test_status_and_wdpost_list_read_the_stamps_on_the_servers_clock(postgres_url):
+    # `status --jobs` and `wdpost list` compared this machine's clock with the stamps the
+    # coordinators make on the PostgreSQL server's: on a machine 5 minutes ahead of it, the worker
+    # seen a moment ago was not live, and its running job's heartbeat was 5 minutes old.
+    import json
+
+    from helpers.frontend import dext_run, dext_shifted
+
+    from damocles_ext.jobs import rules
+
+    with JobStore.open(postgres_url) as store:
+        store.create(make_input(miner=1000, seed=0), time.time())
+        [job] = store.allocate(rules.AllocationSpec(), 1, "gpu-1", time.time())
+    ahead = dext_shifted(300.0)
+    status = dext_run("status", "--jobs", postgres_url, "--json", dext=ahead)
+    assert status.returncode == 0, status.stderr
+    summary = json.loads(status.stdout)
+    assert abs(summary["time"] - time.time()) < 30, summary
+    assert summary["live_workers"] == 1 and summary["workers"][0]["last_seen_ago"] < 30, summary
+    listing = dext_run("wdpost", "list", "--jobs", postgres_url, dext=ahead)
+    assert listing.returncode == 0, listing.stderr
+    (row,) = [line for line in listing.stdout.decode().splitlines() if line.startswith(job.Id)]
+    elapsed, heartbeat = row.split()[-2:]  # no error: the last two columns
+    for shown in (elapsed, heartbeat):  # a few seconds at most: "1.859s", "859ms", not "5m1s"
+        assert re.fullmatch(r"\d+(\.\d+)?s|\d+ms", shown), listing.stdout.decode()

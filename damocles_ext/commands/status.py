@@ -92,19 +92,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _jobs(args: argparse.Namespace) -> int:
-    import time
-
     import msgspec
     import trio
 
     from damocles_ext.jobs.store import JobStore
+    from damocles_ext.jobs.store_clock import store_clock
     from damocles_ext.jobs.summary import render
     from damocles_ext.status import render_table, to_json
 
     # create=False: a mistyped URL must be an error, not an empty store made on the spot.
     # read_only: the schema of a store an older coordinator runs on is left as it is.
     with JobStore.open(args.jobs, create=False, read_only=not args.upgrade, pool_size=1) as store:
-        summary = store.summary(time.time())
+        # The sightings' ages and who is live on the clock the coordinators stamp them with
+        # (a PostgreSQL server's), not on this machine's, which may be off it.
+        summary = store.summary(store_clock(store)())
     doc = None if args.socket is None else trio.run(_fetch, args.socket, args.timeout)
     if args.json:
         if doc is None:

@@ -121,10 +121,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def run(args: argparse.Namespace) -> int:
     """Open the store (never creating one) and do the subcommand."""
-    import time
-
     from damocles_ext.errors import UsageError
     from damocles_ext.jobs.store import JobNotFound, JobStore
+    from damocles_ext.jobs.store_clock import store_clock
 
     if args.wdpost_command == "remove-all" and not args.really_do_it:
         print("Pass --really-do-it to actually execute this action")
@@ -144,32 +143,35 @@ def run(args: argparse.Namespace) -> int:
     # `list` only reads: the schema of a store an older coordinator runs on is left as it is.
     reads_only = args.wdpost_command == "list"
     with JobStore.open(args.jobs, create=False, read_only=reads_only) as store:
+        # The clock the coordinators stamp with (a PostgreSQL server's): the ages shown, and
+        # the stamps of what is changed, on it rather than on this machine's.
+        now = store_clock(store)
         if args.wdpost_command == "list":
-            _print_list(args, store.list_jobs(), max_try)
+            _print_list(args, store.list_jobs(), max_try, now())
         elif args.wdpost_command == "reset":
             done: list[str] = []
             for job_id in args.ids:
                 try:
-                    job = store.reset(job_id, time.time())
+                    job = store.reset(job_id, now())
                 except JobNotFound as e:
                     raise _reset_stopped(str(e), done) from None
                 done.append(job_id)
-                if job.not_after is not None and job.not_after <= time.time():
+                if job.not_after is not None and job.not_after <= now():
                     print(
                         f"damocles-ext wdpost reset: warning: job {job_id} is reset, but its deadline"
-                        f" passed {time.time() - job.not_after:.0f} s ago (damocles-ext's"
+                        f" passed {now() - job.not_after:.0f} s ago (damocles-ext's"
                         " not_after): the next sweep cancels it again, and no proof of it can"
                         " count for its deadline",
                         file=sys.stderr,
                     )
         elif args.wdpost_command == "remove":
             for job_id in args.ids:
-                store.remove(job_id, time.time())
+                store.remove(job_id, now())
         else:
             # Printed as each transaction of them is committed: a failure later leaves the
             # ones removed before it said.
             printer = _RemovedPrinter()
-            store.remove_all(time.time(), removed=printer)
+            store.remove_all(now(), removed=printer)
             printer.done()
     return 0
 
@@ -201,15 +203,13 @@ class _RemovedPrinter:
 
 
 def _print_list(
-    args: argparse.Namespace, jobs: Sequence[WdPoStJob | JobBrief], max_try: int
+    args: argparse.Namespace, jobs: Sequence[WdPoStJob | JobBrief], max_try: int, now: float
 ) -> None:
-    """`wdpost list`'s table of store records or RPC briefs alike."""
-    import time
-
+    """`wdpost list`'s table of store records or RPC briefs alike, their ages at `now`."""
     from damocles_ext.jobs.listing import render_list
 
     sys.stdout.write(
-        render_list(jobs, max_try=max_try, now=time.time(), show_all=args.all, detail=args.detail)
+        render_list(jobs, max_try=max_try, now=now, show_all=args.all, detail=args.detail)
     )
 
 
@@ -224,6 +224,7 @@ def _reset_stopped(why: str, done: list[str]) -> UsageError:
 def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
     """The same subcommands over the worker-prover RPC, as damocles-manager's CLI makes them;
     `max_try` marks (Max) when the server does not send its own JobMaxTry."""
+    import time
 
     import msgspec
     import trio
@@ -258,7 +259,8 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
                 # Newest first, as both servers send them; sorted here too so that ties (and an
                 # older server) give the order the store-side listing gives.
                 jobs.sort(key=lambda j: (-j.CreatedAt, j.Id))
-                _print_list(args, jobs, max_try if server_max_try is None else server_max_try)
+                _print_list(args, jobs, max_try if server_max_try is None else server_max_try,
+                            time.time())  # fmt: skip
             elif args.wdpost_command == "reset":
                 done: list[str] = []
                 for job_id in args.ids:
