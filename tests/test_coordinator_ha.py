@@ -524,3 +524,33 @@ def test_status_and_wdpost_list_read_the_stamps_on_the_servers_clock(postgres_ur
     elapsed, heartbeat = row.split()[-2:]  # no error: the last two columns
     for shown in (elapsed, heartbeat):  # a few seconds at most: "1.859s", "859ms", not "5m1s"
         assert re.fullmatch(r"\d+(\.\d+)?s|\d+ms", shown), listing.stdout.decode()
+
+
+async def test_serve_waits_a_bounded_time_for_a_server_clock_that_does_not_answer(
+    postgres_url, caplog
+):
+    # serve --listen reads the server's clock before it serves, its requests and signals unread
+    # meanwhile: a server that does not answer is waited for 3 s (here 0.2 s), not a store
+    # call's minute; said, and left to the sweeps, which read it until a reading works.
+    from damocles_ext.frontends.coordinator import Coordinator
+
+    caplog.set_level(logging.INFO, "damocles_ext.coordinator")
+    with JobStore.open(postgres_url) as store:
+        jobs = TrioJobStore(store)
+        answering = jobs.in_thread
+        coordinator = Coordinator(jobs)
+        clock = coordinator.server_clock
+
+        async def stalled(fn, *args, **kwargs):
+            await trio.sleep_forever()
+
+        jobs.in_thread = stalled
+        with trio.fail_after(10):
+            await clock.read_before_serving(0.2)
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert "did not answer within 0.2 s when its clock was read" in warning, warning
+        assert "until a sweep reads it" in warning
+        assert clock.next_read == float("-inf")  # at the first sweep
+        jobs.in_thread = answering
+        await clock.read_server()
+        assert "the clock of the job store's server is read again" in caplog.text
