@@ -13,7 +13,7 @@ from test_worker import Rig, children, job_input, start_worker
 
 from damocles_ext.frontends.coordinator import Coordinator
 from damocles_ext.frontends.worker import Worker
-from damocles_ext.frontends.worker_ping import check_skew
+from damocles_ext.frontends.worker_ping import SKEW_CORRECTED, check_skew, manager_offset
 from damocles_ext.jobs import rpc
 from damocles_ext.jobs.worker_rules import worker_info
 
@@ -127,8 +127,9 @@ def test_worker_info_counts_slots_as_damocles_counts_threads():
 
 
 async def test_a_worker_whose_clock_is_off_the_managers_is_warned_once(tmp_path, caplog):
-    # A job's NotAfter is read on the worker's clock: 30 s ahead cuts proofs 30 s short. The
-    # coordinator's answers carry a Date, as damocles-manager's (Go's net/http) do.
+    # The coordinator's answers carry a Date, as damocles-manager's (Go's net/http) do: the
+    # worker keeps the difference, by which it reads a job's NotAfter (the manager's clock), and
+    # warns once (test_worker_deadlines.py: what it does to their jobs).
     caplog.set_level(logging.INFO, "damocles_ext.worker")
     rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=Pinged)
     kids = children(tmp_path, plugin_block("WdPost", "echo"))
@@ -145,7 +146,9 @@ async def test_a_worker_whose_clock_is_off_the_managers_is_warned_once(tmp_path,
         rig.close()
     skew = [r.getMessage() for r in caplog.records if "the manager's (the Date" in r.getMessage()]
     assert len(skew) == 1, skew  # once, however many pings
-    assert "about 30 s ahead of the manager's" in skew[0] and "cut short early" in skew[0]
+    assert "about 30 s ahead of the manager's" in skew[0]
+    assert "is read on the manager's clock, corrected by this difference" in skew[0]
+    assert worker.clock_offset == pytest.approx(-30, abs=1.5)  # (the Date is to the second)
 
 
 def test_the_clock_check_warns_once_each_way_and_says_when_it_agrees_again(caplog):
@@ -158,8 +161,9 @@ def test_the_clock_check_warns_once_each_way_and_says_when_it_agrees_again(caplo
     assert check_skew(date, date + 1, True) is False
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
-    assert "about 10 s behind the manager's" in messages[0] and "late, past" in messages[0]
-    # Against damocles-manager, whose jobs have no NotAfter, proofs are not cut short: said.
+    assert "about 10 s behind the manager's" in messages[0]
+    # Deadlines are read on the manager's clock; damocles-manager's jobs have none: said.
+    assert "read on the manager's clock" in messages[0]
     assert "damocles-manager's do not" in messages[0]
     assert messages[1] == "this machine's clock agrees with the manager's again"
 
@@ -226,3 +230,16 @@ async def test_a_paused_workers_ping_reports_its_free_slots_paused_at_once(tmp_p
         "Threads": 2, "Empty": 0, "Paused": 2, "Running": 0, "Waiting": 0, "Errors": 0,
     }  # fmt: skip
     assert paused == {"gpu-1"}  # the coordinator that took the ping shows it paused
+
+
+def test_the_managers_clock_is_taken_from_a_date_only_beyond_its_seconds_noise():
+    # The Date is to the second: read as the middle of it, a clock in step is within half a
+    # second of it, and is not corrected; a clock off by more is, by what the Date shows.
+    date = 1_700_000_000.0
+    assert manager_offset(date, date + 0.5, 0.0) == 0.0  # in step
+    assert manager_offset(date, date + 0.5 + 0.9, 0.0) == 0.0  # within the noise
+    assert manager_offset(date, date + 0.5 + SKEW_CORRECTED, 0.0) == -SKEW_CORRECTED
+    assert manager_offset(date, date + 60.3, 0.0) == pytest.approx(-59.8)  # 60 s ahead
+    assert manager_offset(date, date - 59.7, 0.0) == pytest.approx(60.2)  # 60 s behind
+    assert manager_offset(None, date, -59.8) == -59.8  # no Date: the last one kept
+    assert manager_offset(date, date + 0.2, -59.8) == 0.0  # back in step

@@ -66,7 +66,7 @@ from ..stages import child_stages
 from ..supervisor.effect_log import faults_said_elsewhere
 from .worker_beats import heartbeat_forever
 from .worker_jobs import deliver, proof_of
-from .worker_ping import ping_forever
+from .worker_ping import manager_offset, ping_forever
 from .worker_state import (
     ADOPTED,
     PROVER_FAILURES,
@@ -139,6 +139,9 @@ class Worker:
         self.allocating = False  # an allocation call's answer is awaited (worker_beats)
         self.deferred_stops: dict[str, str | None] = {}  # job -> lease put off (worker_beats)
         self._over_allocated = False  # the last allocation gave more than was asked (said)
+        #: The manager's clock less this machine's, from the Date of its answers (worker_ping.
+        #: manager_offset): job deadlines are the manager's, and read on its clock.
+        self.clock_offset = 0.0
 
     # -- for callers and tests ----------------------------------------------------------------
 
@@ -390,6 +393,7 @@ class Worker:
                 await self.retry_wait(backoff.next_delay(), until_stopped=True)
                 continue
             self.answered(self._outage, self._refusals)
+            self.heard_date(self._calls.server_date)  # (before its jobs' deadlines are read)
             backoff.reset()
             self.counters.allocations += 1
             # Asked again at once only after a full answer with a new job: a job given again
@@ -491,12 +495,19 @@ class Worker:
             held.state, held.error = "finishing", error
             self.touch()
             job = held.job
-            if error and job.Lease is not None and deadline_reached(job.NotAfter, self._clock()):
+            if (
+                error
+                and job.Lease is not None
+                and deadline_reached(self.deadline_of(job), self._clock())
+            ):
                 # Our coordinator refuses any finish after the deadline and cancels the job: a
-                # call to be refused, logged as a result given up, would only mislead.
+                # call to be refused, logged as a result given up, would only mislead. The
+                # deadline is read on the coordinator's clock (`deadline_of`): this is its
+                # deadline, or less than a second before it, and it cancels the job then.
                 self.counters.given_up += 1
                 held.log.warning("job %s: no proof before its deadline; nothing to deliver"
-                                 " (the coordinator cancels the job)", job.Id)  # fmt: skip
+                                 " (the coordinator cancels the job at its deadline)",
+                                 job.Id)  # fmt: skip
             else:
                 await deliver(self, self._calls, held, output, error)
         self._release(held)
@@ -570,6 +581,14 @@ class Worker:
 
     def now(self) -> float:
         return self._clock()
+
+    def heard_date(self, server_date: float | None) -> None:  # (pings, allocations, heartbeats)
+        self.clock_offset = manager_offset(server_date, self._clock(), self.clock_offset)
+
+    def deadline_of(self, job: PulledJob) -> float | None:
+        """The job's deadline (its NotAfter, on the manager's clock) on this machine's clock,
+        or None: it is compared with this clock, and is the supervisor's deadline."""
+        return None if job.NotAfter is None else job.NotAfter - self.clock_offset
 
     def manager_unreachable(self, what: str) -> None:  # a call could not connect (or a 502)
         self._unreachable(what, connect=True)

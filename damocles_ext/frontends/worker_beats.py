@@ -62,6 +62,11 @@ class Beating(Protocol):
         not connect during it (`heard`)."""
         ...
 
+    def heard_date(self, server_date: float | None) -> None:
+        """An answer just received had this Date (None: none): the manager's clock, by which
+        job deadlines are read."""
+        ...
+
     def beats_idle(self) -> None:
         """No job is held, so no heartbeat is sent: the heartbeats' outage, if any, does not
         count the time until the next one."""
@@ -123,6 +128,7 @@ async def heartbeat_leased(worker: Beating, beats: RpcClient, held: list[HeldJob
             worker.heard()  # (a whole answer)
         failed(worker, exc)
         return
+    worker.heard_date(beats.server_date)  # (the deadlines of the jobs held: on its clock)
     beaten(worker, held, started, {s.Id for s in stop})
     if worker.unheld_stops.to_say(unheld := sorted({s.Id for s in stop} - sent.keys())):
         log.warning("%s", unheld_stops(worker.manager_url, unheld))  # (not at each heartbeat)

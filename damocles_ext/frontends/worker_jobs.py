@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import pluggy
 
     from ..jobs.client import RpcClient
+    from ..jobs.worker_rules import PulledJob
     from ..jobs.worker_settings import WorkerSettings
     from ..sectors.locator import SectorLocator
     from ..supervisor.core import Supervisor
@@ -60,6 +61,10 @@ class Proving(Protocol):
 
     def now(self) -> float:
         """The wall clock (a job's deadline, a result's lifetime)."""
+        ...
+
+    def deadline_of(self, job: PulledJob) -> float | None:
+        """The job's deadline (NotAfter, on the manager's clock) on the wall clock, or None."""
         ...
 
     def touch(self) -> None:
@@ -102,13 +107,14 @@ async def proof_of(
             worker.prover_reached()
         worker.touch()
 
+    deadline = worker.deadline_of(job)  # (on this machine's clock, as the supervisor's)
     try:
         paths, faults = await job_sector_paths(
             job,
             attached=worker.settings.attached,
             plugin_manager=worker.pm,
             locator=worker.locator,
-            now=worker.now(),
+            time_left=None if deadline is None else deadline - worker.now(),
         )
         task = window_post_task(job, paths)
     except Exception as exc:  # noqa: BLE001 - a missing store or a plugin's bug fails that job only
@@ -122,7 +128,7 @@ async def proof_of(
         if job.TryNum == 1:  # a later try may land on a worker that has the store
             return None, problem
     try:
-        answer = await worker.supervisor.submit(task, deadline=job.NotAfter, on_dispatch=dispatched)
+        answer = await worker.supervisor.submit(task, deadline=deadline, on_dispatch=dispatched)
     except (ProverError, UsageError) as exc:
         log.warning("job %s: no proof: %s", job.Id, exc, extra=held.fields(exc))
         # Cut by the job's deadline, or not started as too late, or its task refused before any
@@ -182,7 +188,7 @@ async def deliver(
         verdict, why = finish_verdict(
             failure,
             worker.now(),
-            not_after=job.NotAfter,
+            not_after=worker.deadline_of(job),
             allocated_at=held.allocated_at,
             lifetime=worker.settings.result_lifetime,
         )
@@ -197,7 +203,7 @@ async def deliver(
                            " %s", job.Id, what, attempts, why, maybe, reason)  # fmt: skip
             break
         # Never past shortly before the job's deadline: the try then is its last chance.
-        delay = finish_wait(backoff.next_delay(), worker.now(), job.NotAfter)
+        delay = finish_wait(backoff.next_delay(), worker.now(), worker.deadline_of(job))
         if attempts & (attempts - 1) == 0:  # attempts 1, 2, 4, 8...: seen, not a flood
             held.log.warning("job %s: result (%s) not delivered yet (attempt %d): %s;"
                              " trying again in %.1f s", job.Id, what, attempts, reason,

@@ -52,6 +52,11 @@ class Pinging(Protocol):
         """The wall clock (compared with the manager's)."""
         ...
 
+    def heard_date(self, server_date: float | None) -> None:
+        """An answer just received had this Date (None: none): the manager's clock, by which
+        job deadlines are read."""
+        ...
+
     def paused(self) -> Pause | None:
         """The pause in taking jobs in force now, or None."""
         ...
@@ -125,6 +130,7 @@ async def ping_forever(
             failing = False
             worker.counters.pings += 1
             worker.touch()
+            worker.heard_date(pings.server_date)
             skewed = check_skew(pings.server_date, worker.now(), skewed)
         with trio.move_on_after(interval):
             # (A pause begins with a failure, a slot frees with a result, a pause ends with an
@@ -145,8 +151,27 @@ def paused_slots(worker: Pinging) -> int:
 
 
 #: A worker whose clock is this far from its manager's (the Date of the ping's answer, to the
-#: second) is warned: it compares each job's NotAfter with its own clock.
+#: second) is warned: its log's times are its own, and a clock that far off is no clock in step.
 CLOCK_SKEW = 3.0
+
+#: The least difference of the manager's clock and this machine's that the worker corrects job
+#: deadlines by (`manager_offset`). The Date of an answer is to the second: read as the middle of
+#: its second, it puts a clock in step anywhere within half a second of it (and the round trip's
+#: time on top). Below a second the difference is that noise, not a clock off, and correcting by
+#: it would move every deadline of a worker in step by up to half a second, one way or the other;
+#: a clock off by less is left as it is, where the correction could do no better.
+SKEW_CORRECTED = 1.0
+
+
+def manager_offset(server_date: float | None, now: float, offset: float) -> float:
+    """The manager's clock less this machine's, by which the worker reads job deadlines
+    (NotAfter, on the manager's clock) on its own: from the Date of an answer received at `now`
+    (read as the middle of its second), 0 when within SKEW_CORRECTED; `offset`, the one used
+    so far, when the answer has no Date."""
+    if server_date is None:
+        return offset
+    measured = server_date + 0.5 - now
+    return measured if abs(measured) >= SKEW_CORRECTED else 0.0
 
 
 def check_skew(server_date: float | None, now: float, skewed: bool) -> bool:
@@ -158,15 +183,14 @@ def check_skew(server_date: float | None, now: float, skewed: bool) -> bool:
     skew = now - (server_date + 0.5)
     if abs(skew) >= CLOCK_SKEW:
         if not skewed:
-            way = "ahead of" if skew > 0 else "behind"
             log.warning(
                 "this machine's clock is about %.0f s %s the manager's (the Date of its answers):"
                 " a job's deadline (NotAfter: a damocles-ext coordinator's jobs carry one,"
-                " damocles-manager's do not) is read on this clock, so proofs are cut short %s;"
+                " damocles-manager's do not) is read on the manager's clock, corrected by this"
+                " difference (to within a second), but this machine's log times are its own;"
                 " keep the clocks in step (NTP: `timedatectl`, `chronyc tracking`)",
                 abs(skew),
-                way,
-                "early by as much" if skew > 0 else "late, past the manager's deadline",
+                "ahead of" if skew > 0 else "behind",
             )
         return True
     if skewed:

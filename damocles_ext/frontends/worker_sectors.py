@@ -40,9 +40,11 @@ async def job_sector_paths(
     attached: Mapping[str, str],
     plugin_manager: pluggy.PluginManager | None,
     locator: SectorLocator | None,
-    now: float,
+    time_left: float | None,
 ) -> tuple[list[tuple[str, str]], list[int]]:
-    """(each sector's (sealed_file, cache_dir), the sector numbers not located: faults).
+    """(each sector's (sealed_file, cache_dir), the sector numbers not located: faults);
+    `time_left`: the seconds to the job's deadline (None: it has none), a share of which the
+    locator may take.
     MissingStore when a store is not attached and there is no locator; a RuntimeError naming
     the hook and its plugin for what a plugin's dext_sector_paths raises (it fails the job)."""
     from ..plugin_blame import call_hook, raised_by, returned_by, whose
@@ -87,7 +89,6 @@ async def job_sector_paths(
     faults: list[int] = []
     if unresolved:
         assert locator is not None
-        time_left = None if job.NotAfter is None else job.NotAfter - now
         answers = await locator.locate([ref for _, ref in unresolved], time_left=time_left)
         stale: list[tuple[SectorRef, str]] = []
         lost: list[tuple[SectorRef, str]] = []

@@ -186,22 +186,23 @@ DEADLINE_SLACK = 1.0
 
 
 def deadline_reached(not_after: float | None, now: float) -> bool:
-    """Whether a job's proof that failed at `now` was cut short by its deadline (then the
-    prover is not to blame: the breaker does not count it)."""
+    """Whether a job's proof that failed at `now` was cut short by its deadline (`not_after`, on
+    the clock of `now`; then the prover is not to blame: the breaker does not count it)."""
     return not_after is not None and now >= not_after - DEADLINE_SLACK
 
 
 #: A result whose job has a deadline is tried again this long before it at the latest, whatever
 #: its backoff (`finish_wait`): our coordinator cancels the job at its deadline and refuses a finish
-#: after it. It covers the worker's clock up to 3 s behind the manager's (beyond that the worker
-#: warns, worker_ping.CLOCK_SKEW) and the finish's round trip and store write (well under 2 s).
+#: after it. It covers the deadline read on the manager's clock to within a second or so (the
+#: worker's clock corrected by the Date of its answers, worker_ping.manager_offset) and the
+#: finish's round trip and store write (well under 2 s).
 LAST_TRY_MARGIN = 5.0
 
 
 def finish_wait(delay: float, now: float, not_after: float | None) -> float:
     """The wait before a result's next try: the backoff's `delay`, but never past LAST_TRY_MARGIN
-    before the job's deadline (`not_after`, unix seconds, as `now`); once that is past, never
-    past the deadline itself (one more try then: a clock ahead of the manager's may still be in
+    before the job's deadline (`not_after`, on the clock of `now`); once that is past, never
+    past the deadline itself (one more try then: a deadline read a little early may still be in
     time; after it the result is given up)."""
     if not_after is None:
         return delay
