@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 from helpers.frontend import plugin_block
 from test_worker import Rig, children, job_input, serving
 
@@ -235,5 +236,68 @@ async def test_a_try_given_back_while_the_last_tries_error_was_delivered_is_prov
         assert final.TryNum == 2
         # Try 2 was finished with try 1's error: the prover was never asked again.
         assert sum(e[0] == "finished" for e in rec.log) == 2, rec.log
+    finally:
+        rig.close()
+
+
+class FinishFailsOnce(HeldAllocationAnswers):
+    """HeldAllocationAnswers whose first Dext.FinishJob fails with a store error (not stored)."""
+
+    failed = False
+
+    async def handle(self, call):
+        if call.method == "Dext.FinishJob" and not self.failed:
+            self.failed = True
+            raise rpc.RpcError(rpc.METHOD_ERROR, "store hiccup", call.request_id)
+        return await super().handle(call)
+
+
+async def test_a_result_sent_under_a_lease_that_lapsed_as_it_went_is_sent_again_under_the_new_one(
+    tmp_path,
+):
+    # A proof done, its finish failed once; the lease lapses (heartbeats stalled) and the job is
+    # given back to this worker (try 2, adopted) by an allocation whose answer is on its way
+    # while the result's next finish waits for the connection, built under the old lease: that
+    # finish is refused ("lease lost") and the result goes at once under the new lease.
+    # Removing that resend (the result given up as refused, the proof lost) failed no test.
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=FinishFailsOnce)
+    now = [1_000_000.0]
+    rig.jobs.clock = lambda: now[0]
+    # Two slots: one free, so the worker keeps asking (every 50 ms) while it holds the job.
+    kids = children(tmp_path, plugin_block("WdPost", "echo") * 2)
+    worker = Worker(rig.settings(kids, idle_poll=0.05), clock=lambda: now[0])
+    # The result's first wait is held until the job is given back, its answer held; the
+    # later ones are not waited (the backoff's waits play no part).
+    waits, go = [], trio.Event()
+
+    async def held_once(seconds, **kwargs):
+        waits.append(seconds)
+        if len(waits) == 1:
+            await go.wait()
+
+    worker.retry_wait = held_once
+    job, _ = await rig.jobs.create(job_input())
+    try:
+        async with serving(rig, worker):
+            await worker.wait_for(lambda: len(waits) == 1)
+            first = worker.held[job.Id].job.Lease
+            rig.coordinator.held = True  # the heartbeats' connection stalls
+            await rig.coordinator.waiting.wait()
+            rig.coordinator.hold_answers = True
+            async with rig.coordinator.allocating:  # silent past HeartbeatTimeout: ready again
+                now[0] += 60.0
+                await rig.jobs.sweep()
+                assert (await rig.jobs.get(job.Id)).State == "ready2run"
+            await rig.coordinator.holding.wait()  # given back, the answer on its way
+            go.set()  # the next finish, under the old lease, waits for the connection
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            assert worker.held[job.Id].job.Lease == first
+            rig.coordinator.answers_go.set()
+            await worker.wait_for(lambda: job.Id not in worker.held)
+            rig.coordinator.released.set()
+        done = await rig.jobs.get(job.Id)
+        assert done.succeeded and done.TryNum == 2
+        assert worker.counters.delivered == 1 and worker.counters.given_up == 0
+        assert len(waits) == 1  # the refused finish was sent again at once
     finally:
         rig.close()
