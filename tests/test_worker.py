@@ -25,6 +25,7 @@ from damocles_ext.errors import ProverError, UsageError
 from damocles_ext.frontends import worker as worker_module
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
 from damocles_ext.frontends.worker import Worker, local_address_towards
+from damocles_ext.frontends.worker_ping import CLOCK_SKEW
 from damocles_ext.hookspecs import hookimpl
 from damocles_ext.jobs import rpc, rules
 from damocles_ext.jobs.endpoint import Endpoint
@@ -1085,6 +1086,17 @@ def test_a_finishs_wait_ends_shortly_before_its_jobs_deadline_and_within_it_at_t
     assert finish_wait(1.0, 1000.0, 1020.0) == 1.0  # a shorter backoff is kept
     assert finish_wait(30.0, 1018.0, 1020.0) == 2.0  # that chance gone: once more at it
     assert finish_wait(30.0, 1021.0, 1020.0) == 0.0  # (past it: given up after the try)
+
+
+def test_a_results_last_try_lands_before_its_deadline_on_a_clock_behind_short_of_the_warning():
+    # The last try's margin covers a worker's clock behind the manager's by less than the skew
+    # it is warned of (CLOCK_SKEW), and the finish's round trip (1 s here): that try reaches
+    # the manager before the deadline, by the manager's clock. A margin of 0 (the last try at
+    # the deadline by the worker's clock, after it by the manager's) failed no test before.
+    behind = CLOCK_SKEW - 0.01  # the worker's clock, unwarned
+    manager_now, not_after = 1000.0, 1020.0
+    wait = finish_wait(30.0, manager_now - behind, not_after)
+    assert manager_now + wait + 1.0 <= not_after
 
 
 def test_backoff_doubles_up_to_its_cap_and_starts_over_after_an_answer():
