@@ -250,7 +250,8 @@ async def test_sqlite_has_no_server_clock_to_compare_with(tmp_path, caplog):
         jobs = TrioJobStore(store, clock=lambda: time.time() + 3600)
         coordinator = Coordinator(jobs)
         await coordinator.server_clock.read_server()
-        assert jobs.offset == 0  # one machine: its own clock
+        assert jobs.server_offset is None  # one machine: its own clock
+        assert abs(jobs.clock() - time.time() - 3600) < 1
     assert coordinator.server_clock.skew is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -383,11 +384,12 @@ async def test_a_worker_heartbeating_through_a_coordinator_whose_clock_is_behind
     assert b"Traceback" not in a.stderr + b.stderr
 
 
-async def test_a_step_of_the_wall_clock_reads_the_servers_clock_again_and_affects_no_job(
+async def test_a_step_of_the_wall_clock_leaves_the_store_on_the_servers_and_affects_no_job(
     postgres_url, caplog
 ):
-    # NTP steps this machine's clock a minute forward: the coordinator, on the server's clock,
-    # reads it again at the next pass and stays on it; no stretch is counted as unheard.
+    # NTP steps this machine's clock a minute forward: the coordinator's store stays on the
+    # server's clock, advanced by the monotonic clock (test_clock_steps.py has it with a real
+    # coordinator); no stretch is counted as unheard.
     from helpers.supervisor import wait_until
 
     from damocles_ext.frontends.coordinator import Coordinator
@@ -396,13 +398,14 @@ async def test_a_step_of_the_wall_clock_reads_the_servers_clock_again_and_affect
     caplog.set_level(logging.INFO, "damocles_ext.coordinator")
     shift = [0.0]
     with JobStore.open(postgres_url) as store:
-        jobs = TrioJobStore(store, clock=lambda: time.time() + shift[0])
+        jobs = TrioJobStore(store, clock=lambda: time.time() + shift[0], steady=time.monotonic)
         coordinator = Coordinator(jobs)
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(coordinator.sweep_forever, 0.05))
             shift[0] = 60.0
-            await wait_until(lambda: "read again, so no job is affected" in caplog.text,
-                             timeout=30, what="the step said")  # fmt: skip
+            assert abs(jobs.clock() - time.time()) < 1  # at once, not at the next pass
+            await wait_until(lambda: "which does not follow it, so no job is affected"
+                             in caplog.text, timeout=30, what="the step said")  # fmt: skip
             nursery.cancel_scope.cancel()
         now = jobs.clock()
         assert abs(now - time.time()) < 1
@@ -413,19 +416,16 @@ async def test_a_step_of_the_wall_clock_reads_the_servers_clock_again_and_affect
     assert "this machine's clock is 60.0 s ahead of the clock of the job store's" in warning
 
 
-async def test_a_reading_of_the_servers_clock_that_fails_after_a_step_is_tried_at_each_sweep(
+async def test_a_first_reading_of_the_servers_clock_that_fails_is_tried_at_each_sweep(
     postgres_url, caplog, monkeypatch
 ):
-    # NTP steps this machine's clock 40 s forward and the reading of the server's clock the step
-    # asks for fails (a passing database error, a connection reset as the machine resumes): the
-    # next reading came 10 minutes later, the step never seen again; meanwhile the coordinator
-    # stamped and swept 40 s off the server's clock, and once the step's HeartbeatTimeout of
-    # protection was over took back live jobs heartbeated through other coordinators. It reads
-    # at each sweep until a reading works, and warns once meanwhile.
+    # The first readings of the server's clock fail (a passing database error, a connection
+    # reset): the coordinator stamps and sweeps on this machine's clock, 40 s off the server's
+    # the others keep to, until one works. It reads at each sweep, and warns once meanwhile.
     from helpers.supervisor import wait_until
 
-    from damocles_ext.frontends import coordinator_clock
     from damocles_ext.frontends.coordinator import Coordinator
+    from damocles_ext.jobs import trio_store
 
     caplog.set_level(logging.DEBUG, "damocles_ext.coordinator")
     failures = [0]
@@ -436,14 +436,14 @@ async def test_a_reading_of_the_servers_clock_that_fails_after_a_step_is_tried_a
             raise ConnectionResetError("connection reset by peer")
         return clock_skew(engine, clock)
 
-    monkeypatch.setattr(coordinator_clock, "clock_skew", reading)
-    shift = [0.0]
+    monkeypatch.setattr(trio_store, "clock_skew", reading)
+    failures[0] = 3
     with JobStore.open(postgres_url) as store:
-        jobs = TrioJobStore(store, clock=lambda: time.time() + shift[0])
+        jobs = TrioJobStore(store, clock=lambda: time.time() + 40, steady=time.monotonic)
         coordinator = Coordinator(jobs)
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(coordinator.sweep_forever, 0.05))
-            failures[0], shift[0] = 2, 40.0
+            assert abs(jobs.clock() - time.time() - 40) < 1  # this machine's, meanwhile
             await wait_until(lambda: abs(jobs.clock() - time.time()) < 1, timeout=30,
                              what="the server's clock read again")  # fmt: skip
             nursery.cancel_scope.cancel()
@@ -451,7 +451,7 @@ async def test_a_reading_of_the_servers_clock_that_fails_after_a_step_is_tried_a
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     (failed,) = [m for m in warned if "cannot read the clock" in m]
     assert "connection reset by peer" in failed
-    assert "this machine's clock stepped since the last reading" in failed
+    assert "on this machine's clock, which may be off the server's" in failed
     assert "it is read again at each sweep" in failed
     assert "the clock of the job store's server is read again" in caplog.text
 
@@ -550,7 +550,7 @@ async def test_serve_waits_a_bounded_time_for_a_server_clock_that_does_not_answe
         (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert "did not answer within 0.2 s when its clock was read" in warning, warning
         assert "until a sweep reads it" in warning
-        assert clock.next_read == float("-inf")  # at the first sweep
+        assert jobs.server_offset is None  # read at the first sweep
         jobs.in_thread = answering
         await clock.read_server()
         assert "the clock of the job store's server is read again" in caplog.text

@@ -104,7 +104,8 @@ class Coordinator:
         )
         #: The clock that only moves forward (trio's by default), beside the store's wall clock:
         #: the sweeps see a step of the wall clock, or a stretch in which this process did not
-        #: run, by comparing them (`watch_clocks`).
+        #: run, by comparing them (`watch_clocks`; without it, for a test's clock that jumps,
+        #: the PostgreSQL server's clock is not read either: the test's stands for it).
         self._monotonic = monotonic or trio.current_time  # (read in the coordinator's loop)
         self.cleanup_pass = DEFAULT_PASS_LIMIT  # finished jobs forgotten per cleanup pass
         #: A SQLite store's log size that is warned (checked with the clock), and whether it was.
@@ -296,15 +297,14 @@ class Coordinator:
         while True:
             # Read at each pass: the limits may change while the coordinator runs.
             every = sweep_interval or rules.sweep_every(self.store.store.limits)
-            clock = self.server_clock
-            if clock.stepped(last):  # this machine's clock: the server's is read again at once
-                clock.read_at_once()
-            if trio.current_time() >= clock.next_read:  # (before the pass: its first too)
-                began = self._monotonic()
-                await clock.read_server()
-                if paused_at is not None:  # a wait for the store, not a pause of this process
-                    paused_at += self._monotonic() - began
-            last = clock.watch(last, every, paused_at)
+            # Each pass on a fresh reading of the server's clock: one that stepped is kept to
+            # within a pass by every coordinator on the store (one reading in 10 minutes left
+            # them that long on clocks the step apart, each taking the others' jobs back).
+            began = self._monotonic()
+            await self.server_clock.read_server()
+            if paused_at is not None:  # a wait for the store, not a pause of this process
+                paused_at += self._monotonic() - began
+            last = self.server_clock.watch(last, every, paused_at)
             try:
                 outcome = await self.sweep_once()
                 if (line := self._sweep_outage.answered(trio.current_time())) is not None:

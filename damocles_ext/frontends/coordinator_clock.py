@@ -1,41 +1,43 @@
 """A coordinator's clock: the one its store calls stamp heartbeats and sweep with.
 
 On PostgreSQL, every coordinator on the store keeps to the server's clock: it reads the server's
-clock as it starts, then every SKEW_CHECK_EVERY s (and at once after this machine's clock
-stepped: such a reading, as the first, is tried again at each sweep until one works), and sets
-its store's `offset` to the server's minus this machine's. Coordinators whose machines' clocks
-disagree then still stamp and sweep on one clock: each stamped heartbeats with its own, and one
-40 s behind another had every job it gave out taken back by the other's sweep within seconds,
-its workers heartbeating all along. SQLite is one machine: its clock is kept.
+clock before each sweep pass (`TrioJobStore.read_server_clock`), and between readings advances
+it by this machine's monotonic clock, never by its wall clock. Coordinators whose machines'
+clocks disagree, or whose machine's clock NTP steps, still stamp and sweep on one clock: each
+stamped heartbeats with its own wall clock, and one 40 s behind another had every job it gave
+out taken back by the other's sweep within seconds, its workers heartbeating all along; one
+whose clock stepped back 300 s stamped the next heartbeat 300 s back, and its next sweep took
+the job back. SQLite is one machine: its clock is kept.
 
-Its sweeps see a step of the store's clock (this machine's stepped, or the offset changed) by
-comparing it with a clock that only moves forward, and count the step in the `Hearing`.
+Its sweeps see a step of the store's clock (this machine's wall clock stepped, on SQLite; the
+server's clock moved at a reading) by comparing it with a clock that only moves forward, and
+count the step in the `Hearing`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 import trio
 
-from ..jobs.database import clock_skew
 from ..jobs.silence import SLOW_CALL, Hearing
-from ..jobs.trio_store import CLOCK_SKEW, SKEW_CHECK_EVERY, TrioJobStore
+from ..jobs.trio_store import OFFSET_TOLERANCE, SkewNotice, TrioJobStore
 
 log = logging.getLogger("damocles_ext.coordinator")
 
-# Seconds the wall clock may gain on the monotonic clock between two sweeps before it counts as
-# a step (NTP setting it, a suspended machine resuming): heartbeats are stamped with wall time.
+# Seconds the store's clock may gain on the monotonic clock between two sweeps before it counts
+# as a step (NTP setting it, a suspended machine resuming): heartbeats are stamped with it.
 CLOCK_STEP = 5.0
-#: Seconds by which the server's clock, read again, may move against this machine's and be left
-#: as it was: the reading's own jitter (half a round trip) is no step of the store's clock.
-OFFSET_TOLERANCE = 0.25
+
+_KEEPS_TO_IT = (
+    "this coordinator keeps to the server's clock, as every coordinator on the store does (it"
+    " stamps heartbeats and sweeps on it), so no job is taken back early for it"
+)
 
 
 class ServerClock:
-    """Keeps `store.offset` on the PostgreSQL server's clock (`read_server`) and tells `hearing`
+    """Keeps its store's clock on the PostgreSQL server's (`read_server`) and tells `hearing`
     of the steps of the store's clock (`watch`)."""
 
     def __init__(self, store: TrioJobStore, hearing: Hearing,
@@ -44,89 +46,60 @@ class ServerClock:
         self.hearing = hearing
         self._monotonic = monotonic
         self._watch_clocks = watch_clocks
-        #: Seconds this machine's clock ran ahead of the PostgreSQL server's at the last reading,
-        #: when that was CLOCK_SKEW or more (None: in step, unread, or SQLite).
-        self.skew: float | None = None
-        #: When (trio's clock) the server's clock is read next: at once until it was read.
-        self.next_read = -math.inf
-        self._read = False
-        # A reading is wanted (the first, or one after this machine's clock stepped): tried
-        # again at each pass until one works, not SKEW_CHECK_EVERY s later; and whether its
-        # failure was warned of (once while they fail).
-        self._wanted = True
-        self._warned = False
-        # The offset the hearing's times were read with: a change of it is a step of the clock.
-        self._heard_offset = store.offset
+        self._notice = SkewNotice(log, _KEEPS_TO_IT)
+        self._read = False  # a reading worked
+        self._warned = False  # a failed reading was warned of (once while they fail)
+        # Seconds the store's clock moved at the readings since the last `watch`: a step.
+        self._moved = 0.0
+        # Whether the store's clock followed this machine's wall clock since the last `watch`
+        # (unread, or SQLite): then a step of the wall clock is one of the store's.
+        self._on_wall = True
 
-    def read_at_once(self) -> None:
-        """This machine's clock stepped: the server's is read at the next pass, and at each
-        one after until a reading works (a passing failure left this coordinator stamping and
-        sweeping the step off the server's clock for SKEW_CHECK_EVERY s: once the step's
-        HeartbeatTimeout of protection was over, it took back live jobs heartbeated through
-        other coordinators)."""
-        self._wanted = True
-        self.next_read = -math.inf
+    @property
+    def skew(self) -> float | None:
+        """Seconds this machine's clock is ahead of the server's, when CLOCK_SKEW or more at
+        the last warning (None: in step since, unread, or SQLite)."""
+        return self._notice.skew
 
     async def read_server(self) -> None:
-        """Read the server's clock and keep to it: `store.offset` set when it moved by
-        OFFSET_TOLERANCE or more, said when this machine's is CLOCK_SKEW or more off it, when
-        that changes much and when they agree again. Never raises (a failed reading that was
-        wanted, the first or one after a step, is tried again at each sweep until one works,
-        and warned of once; another, SKEW_CHECK_EVERY s later)."""
+        """Read the server's clock and keep to it (before each sweep pass): a move of it
+        against this machine's monotonic clock (NTP on its host, or this machine suspended)
+        is said and counted as a step (`watch`), and this machine's wall clock is said when it
+        is CLOCK_SKEW or more off it (`SkewNotice`). Never raises: a failed reading is tried
+        again at the next pass; warned of once while the store is on this machine's clock (no
+        reading yet), else the last reading holds. Without `watch_clocks` (a test's clock,
+        which jumps, stands for the server's too), it is not read."""
         store = self.store
-        if not store.store.is_postgresql:
-            self.next_read = math.inf
+        if not self._watch_clocks:
             return
         try:
-            skew = await store.in_thread(clock_skew, store.store.engine, store.local_clock)
+            moved = await store.read_server_clock()
         except Exception as exc:  # noqa: BLE001 (a reading: never a reason for a sweep to stop)
             self._failed(exc)
             return
-        self.next_read = trio.current_time() + SKEW_CHECK_EVERY
-        self._wanted = False
+        if moved is None:  # SQLite
+            return
+        first, self._read = not self._read, True
         if self._warned:
             self._warned = False
             log.info("the clock of the job store's server is read again: this coordinator"
                      " keeps to it")  # fmt: skip
-        if skew is None:
-            return
-        first, self._read = not self._read, True
-        change = -skew - store.offset
-        if not first and abs(change) < OFFSET_TOLERANCE:
-            return
-        store.offset = -skew
-        way = "ahead of" if skew > 0 else "behind"
-        if abs(skew) >= CLOCK_SKEW:
-            if first or self.skew is None or abs(change) >= CLOCK_SKEW:
-                log.warning(
-                    "this machine's clock is %.1f s %s the clock of the job store's PostgreSQL"
-                    " server (%s): this coordinator keeps to the server's clock, as every"
-                    " coordinator on the store does (it stamps heartbeats and sweeps on it), so"
-                    " no job is taken back early for it; set this machine's clock right all the"
-                    " same, for the workers and producers that read it (NTP: `timedatectl`,"
-                    " `chronyc tracking`)",
-                    abs(skew), way, store.store.where,
-                )  # fmt: skip
-            else:
-                log.info(
-                    "this machine's clock is now %.1f s %s the job store's server's: this"
-                    " coordinator keeps to the server's",
-                    abs(skew), way,
-                )  # fmt: skip
-            self.skew = skew
-            return
-        if self.skew is not None:
-            log.info("this machine's clock agrees with the job store's server again")
-        elif not first:
-            log.info(
-                "the job store's server's clock moved %.1f s against this machine's: this"
-                " coordinator keeps to the server's",
-                change,
-            )
-        else:
+        self._moved += moved
+        if not first and abs(moved) >= OFFSET_TOLERANCE:
+            way = "forward" if moved > 0 else "back"
+            log.log(
+                logging.WARNING if abs(moved) > CLOCK_STEP else logging.INFO,
+                "the clock of the job store's PostgreSQL server (%s) moved %s by %.1f s against"
+                " this machine's monotonic clock since it was last read (NTP set it, or this"
+                " machine was suspended?): this coordinator keeps to it, as every coordinator on"
+                " the store does at its next sweep; no running job is taken back for the step",
+                store.store.where, way, abs(moved),
+            )  # fmt: skip
+        skew = store.wall_skew()
+        if first and abs(skew) < OFFSET_TOLERANCE:
             log.debug("keeping to the job store's server's clock (this one is %.3f s %s it)",
-                      abs(skew), way)  # fmt: skip
-        self.skew = None
+                      abs(skew), "ahead of" if skew > 0 else "behind")  # fmt: skip
+        self._notice.read(skew, store.store.where)
 
     async def read_before_serving(self, within: float) -> None:
         """`read_server`, waited for `within` s at most (serve --listen reads it before it
@@ -145,39 +118,22 @@ class ServerClock:
             )  # fmt: skip
 
     def _failed(self, exc: Exception) -> None:
-        """A reading failed: tried again at the next pass when it was wanted (this coordinator
-        stamps on a clock that may be off the server's until one works: said once), else
-        SKEW_CHECK_EVERY s later (the offset read before still holds)."""
+        """A reading failed: tried again at the next pass. Before any worked, this coordinator
+        stamps on this machine's clock, which may be off the server's (said once); after, on
+        the last reading, advanced by the monotonic clock."""
         where = self.store.store.where
-        if not self._wanted:
+        if self._read or self._warned:
             log.debug("cannot read the clock of the store %s: %s", where, exc)
-            self.next_read = trio.current_time() + SKEW_CHECK_EVERY
-            return
-        self.next_read = -math.inf
-        if self._warned:
-            log.debug("cannot read the clock of the store %s yet: %s", where, exc)
             return
         self._warned = True
-        why = (
-            "this machine's clock stepped since the last reading"
-            if self._read
-            else "it was never read"
-        )
         log.warning(
             "cannot read the clock of the job store's PostgreSQL server (%s): %s; this"
-            " coordinator stamps heartbeats and sweeps on a clock that may be off the server's,"
-            " which the other coordinators keep to (%s): a job heartbeated through them may be"
-            " taken back early, a silent one late; it is read again at each sweep, and a line"
-            " says when that works",
-            where, exc, why,
+            " coordinator stamps heartbeats and sweeps on this machine's clock, which may be off"
+            " the server's, which the other coordinators keep to: a job heartbeated through them"
+            " may be taken back early, a silent one late; it is read again at each sweep, and a"
+            " line says when that works",
+            where, exc,
         )  # fmt: skip
-
-    def stepped(self, last: tuple[float, float] | None) -> bool:
-        """Whether this machine's wall clock stepped since `last` (as `watch` returned it)."""
-        if last is None or not self._watch_clocks:
-            return False
-        step = (self._wall() - last[1]) - (self._monotonic() - last[0])
-        return abs(step) > CLOCK_STEP
 
     def watch(
         self, last: tuple[float, float] | None, every: float, paused_at: float | None = None
@@ -188,24 +144,30 @@ class ServerClock:
         paused VM, swapping): the heartbeats sent then wait unread, and this pass comes first.
         Either stretch counts as unheard. The latter is measured over the pause of `every`
         seconds since `paused_at` (the last pass's end): time the pass spent waiting for the
-        store is the store's (`Hearing` counts it). The store's clock steps when this
-        machine's does, or when its offset to the server's changes."""
-        now = (self._monotonic(), self._wall())
-        moved, self._heard_offset = self.store.offset - self._heard_offset, self.store.offset
+        store is the store's (`Hearing` counts it). The store's clock steps when the server's
+        moved at a reading, or, while it follows this machine's (SQLite, or no reading yet),
+        when this machine's does."""
+        on_wall, self._on_wall = self._on_wall, self.store.server_offset is None
+        # This machine's clock: the store's while it follows it (a test may set the store's).
+        wall_now = self.store.clock() if self._on_wall else self.store.local_clock()
+        now = (self._monotonic(), wall_now)
+        moved, self._moved = self._moved, 0.0
         wall = late = 0.0
         if last is not None and self._watch_clocks:
             wall = (now[1] - last[1]) - (now[0] - last[0])
             late = (now[0] - (last[0] if paused_at is None else paused_at)) - every
-        step = wall + moved
-        # A change of the offset was said as it was read (read_server): only this machine's
-        # step is said here.
+        # A move of the server's clock was said as it was read (read_server): only this
+        # machine's step is said here.
         said = abs(wall) > CLOCK_STEP
-        if said and abs(step) <= CLOCK_STEP:
+        if said and not on_wall:
             log.info(
                 "the wall clock stepped %s by %.0f s since the last sweep: this coordinator"
-                " keeps to the job store's server's clock, read again, so no job is affected",
+                " keeps to the job store's server's clock, which does not follow it, so no job"
+                " is affected",
                 "forward" if wall > 0 else "back", abs(wall),
             )  # fmt: skip
+            said, wall = False, 0.0
+        step = wall + moved
         if step < -CLOCK_STEP:
             if said:
                 log.warning(
@@ -225,10 +187,6 @@ class ServerClock:
             what = f"the wall clock stepped forward by {step:.0f} s ({why})" if said else ""
             self._unheard(step, what)
         return now
-
-    def _wall(self) -> float:
-        """This machine's clock: the store's without its offset (a test may set the store's)."""
-        return self.store.clock() - self.store.offset
 
     def _unheard(self, seconds: float, what: str) -> None:
         """The last `seconds` could not be heard; `what` made it so, said ("": said already)."""

@@ -45,10 +45,11 @@ calling: ContextVar[str] = ContextVar("damocles_ext_store_calling", default="")
 
 class TrioJobStore:
     """The store for trio code: each call runs in a worker thread under a small limiter, with
-    `now` read from `clock`: `local_clock` (wall-clock unix seconds by default) plus `offset`,
-    which a coordinator on PostgreSQL sets to the server's clock minus this machine's
-    (`frontends.coordinator_clock`), so that every coordinator on one store stamps and sweeps on
-    one clock.
+    `now` read from `clock`: `local_clock` (this machine's wall clock, unix seconds, by default)
+    until the PostgreSQL server's clock is read (`read_server_clock`: a coordinator's sweeps, a
+    producer's watch), then the server's clock as read, advanced by `steady` (a clock that only
+    moves forward): every coordinator and producer on one store stamps, sweeps and gives
+    deadlines on one clock, and a step of this machine's wall clock (NTP) moves none of them.
 
     A call no thread can be started for (at the limit of tasks), that gets no answer within
     `call_timeout` seconds (a database that hangs rather than refuses: its host frozen, the
@@ -64,11 +65,15 @@ class TrioJobStore:
     def __init__(self, store: JobStore, *, threads: int = 4,
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] = trio.current_time,
+                 steady: Callable[[], float] | None = None,
                  call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:  # fmt: skip
         self.store = store
         self.local_clock = clock
-        #: Seconds added to `local_clock` for `clock` (0 until a coordinator reads the server's).
-        self.offset = 0.0
+        #: What the store's clock advances by between readings of the server's: time.monotonic
+        #: (read from worker threads too: the metrics' collection), or a test's `clock`.
+        self.steady = steady or (time.monotonic if clock is time.time else clock)
+        #: The PostgreSQL server's clock minus `steady`, as last read (None: unread, SQLite).
+        self.server_offset: float | None = None
         #: The store's clock, the `now` of every call (a test may set its own in its place).
         self.clock: Callable[[], float] = self._clock
         self.monotonic = monotonic  # how long a call took (a step of `clock` is not a slow call)
@@ -81,7 +86,29 @@ class TrioJobStore:
         self.stalls = Stalls(store.where)
 
     def _clock(self) -> float:
-        return self.local_clock() + self.offset
+        if self.server_offset is None:
+            return self.local_clock()
+        return self.steady() + self.server_offset
+
+    async def read_server_clock(self) -> float | None:
+        """Read the PostgreSQL server's clock and keep to it (`clock`): the seconds that moved
+        the store's clock (0.0 when the reading is within OFFSET_TOLERANCE of it, as it stood);
+        None on SQLite (one machine: its clock is kept). Raises what the reading raised."""
+        if not self.store.is_postgresql:
+            return None
+        skew = await self.in_thread(clock_skew, self.store.engine, self.steady)
+        if skew is None:
+            return None
+        known = self.server_offset
+        if known is not None and abs(-skew - known) < OFFSET_TOLERANCE:
+            return 0.0
+        before = self._clock()
+        self.server_offset = -skew
+        return self._clock() - before
+
+    def wall_skew(self) -> float:
+        """Seconds this machine's wall clock is ahead of the store's (negative: behind)."""
+        return self.local_clock() - self._clock()
 
     async def _run(self, fn: Callable[..., R], *args: Any,
                    wrote: Callable[[R], bool] = lambda _: True, **kwargs: Any) -> R:  # fmt: skip
@@ -207,11 +234,44 @@ def _stored(outcome: Outcome) -> bool:
     return outcome.wrote
 
 
-# Coordinators on one PostgreSQL keep to the server's clock (they read it as they start, then
-# every SKEW_CHECK_EVERY s), but a producer gives its jobs deadlines from its own, and workers
-# read them on theirs: a machine whose clock is this far from the server's is warned.
+# Coordinators and producers on one PostgreSQL keep to the server's clock (read at each sweep, or
+# each poll), but workers read the deadlines on theirs (on their coordinator's, once answered),
+# and an operator's own times: a machine whose clock is this far from the server's is warned.
 CLOCK_SKEW = 2.0
+#: Seconds by which the server's clock, read again, may move against `steady` and be left as it
+#: was: the reading's own jitter (half a round trip) is no step of the store's clock.
+OFFSET_TOLERANCE = 0.25
 SKEW_CHECK_EVERY = 600.0
+
+
+class SkewNotice:
+    """Says how far this machine's clock is from the store's PostgreSQL server's, read again and
+    again (at each sweep, each poll): a warning saying `effect` when they are CLOCK_SKEW or more
+    apart, again only when that changes by CLOCK_SKEW or more; one line when they agree again."""
+
+    def __init__(self, logger: logging.Logger, effect: str) -> None:
+        self.logger = logger
+        self.effect = effect
+        #: Seconds this machine's clock was ahead of the server's when last warned of (None: in
+        #: step since, unread, or SQLite).
+        self.skew: float | None = None
+
+    def read(self, skew: float, where: str) -> None:
+        """This machine's clock is `skew` s ahead of the server's (of the store at `where`)."""
+        way = "ahead of" if skew > 0 else "behind"
+        if abs(skew) >= CLOCK_SKEW:
+            if self.skew is None or abs(skew - self.skew) >= CLOCK_SKEW:
+                self.logger.warning(
+                    "this machine's clock is %.1f s %s the clock of the job store's PostgreSQL"
+                    " server (%s): %s; set this machine's clock right all the same (NTP:"
+                    " `timedatectl`, `chronyc tracking`)",
+                    abs(skew), way, where, self.effect,
+                )  # fmt: skip
+                self.skew = skew
+            return
+        if self.skew is not None:
+            self.logger.info("this machine's clock agrees with the job store's server again")
+        self.skew = None
 
 
 async def check_clock(

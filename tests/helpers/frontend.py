@@ -62,6 +62,47 @@ def dext_shifted(seconds: float) -> list[str]:
     return [sys.executable, "-c", _SHIFTED_THEN_RUN.format(seconds=seconds)]
 
 
+_STEPPING_THEN_RUN = """\
+import os, sys, time
+def _seconds(path):
+    try:
+        with open(path) as f:
+            return float(f.read() or 0)
+    except (OSError, ValueError):
+        return 0.0
+if {wall!r} is not None:
+    _time = time.time
+    time.time = lambda: _time() + _seconds({wall!r})
+if {server!r} is not None:
+    import damocles_ext.jobs.database as database
+    _skew = database.clock_skew
+    def clock_skew(engine, clock):
+        skew = _skew(engine, clock)
+        return None if skew is None else skew - _seconds({server!r})
+    database.clock_skew = clock_skew
+from damocles_ext.cli import main
+sys.exit(main())
+"""
+
+
+def dext_stepping(wall: Path | None = None, server: Path | None = None) -> list[str]:
+    """`damocles-ext` (as DEXT) whose wall clock is this machine's plus the seconds in the file
+    `wall`, and whose readings of a PostgreSQL server's clock find it the seconds in the file
+    `server` ahead of the real one; each read at every look (no file: 0): clocks a test steps
+    mid-run (`step_clock`), as NTP steps a machine's or a database host's."""
+    wall_path = None if wall is None else str(wall)
+    server_path = None if server is None else str(server)
+    return [sys.executable, "-c", _STEPPING_THEN_RUN.format(wall=wall_path, server=server_path)]
+
+
+def step_clock(path: Path, seconds: float) -> None:
+    """Set the clock that `path` shifts (dext_stepping's) `seconds` off the real one, at once
+    (a new file put in place: a reader never sees it half written)."""
+    new = path.with_name(path.name + ".new")
+    new.write_text(repr(seconds))
+    os.replace(new, path)
+
+
 def make_task(miner: int = 1000, replicas: int = 1, stage: str = "window_post"):
     """A small task whose miner id tells requests apart (echo/sleep outputs depend on it)."""
     infos = [

@@ -1,0 +1,134 @@
+"""Clocks that step while coordinators and producers on one PostgreSQL run: this machine's wall
+clock (NTP setting it), the database server's, a producer's machine off the server's. Each keeps
+to the server's clock, and between its readings advances it by a clock that only moves forward."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import pytest
+import trio
+from helpers.frontend import CoordinatorProcess, dext_stepping, step_clock
+from helpers.supervisor import wait_until
+from test_jobs_rules import make_input
+
+from damocles_ext.jobs.client import RpcClient
+from damocles_ext.jobs.store import JobStore
+
+# HeartbeatTimeout 3 s: the coordinators' sweeps 0.75 s apart.
+SHORT_TIMEOUT = '[Common.Proving.WorkerProver]\nHeartbeatTimeout = "3s"\n'
+
+
+def _said(*coordinators: CoordinatorProcess) -> str:
+    return "\n".join(c.stderr.decode(errors="replace")[-4000:] for c in coordinators)
+
+
+@pytest.mark.parametrize("step", [-300.0, 300.0], ids=["back", "forward"])
+async def test_a_step_of_the_coordinators_wall_clock_moves_no_stamp_and_loses_no_job(
+    postgres_url, tmp_path, step
+):
+    # NTP steps the coordinator's machine's clock 300 s: it stamped and swept on its wall clock
+    # plus the server's offset read before, until its next sweep read the server's clock again.
+    # Back: the heartbeat that landed first moved the job's HeartbeatAt 300 s back, and that
+    # sweep took the job back as silent while saying "no job is affected". Forward: the finish
+    # of a job 120 s before its deadline was refused as past it (the proof thrown away), and
+    # the answers' Date, which workers read deadlines by, was 300 s ahead. Between its readings
+    # the coordinator advances the server's clock by the monotonic clock: the step moves nothing.
+    (tmp_path / "sector-manager.cfg").write_text(SHORT_TIMEOUT)
+    shift = tmp_path / "shift"
+    with JobStore.open(postgres_url) as store:
+        store.create(make_input(miner=1000), time.time(), not_after=time.time() + 120)
+    c = CoordinatorProcess(postgres_url, "--conf-dir", str(tmp_path), dext=dext_stepping(shift))
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await c.start(nursery)
+                client = RpcClient(f"127.0.0.1:{c.port}", timeout=30)
+                (job,) = await client.call("Dext.AllocateJobs", {}, 1, "w1")
+                held = [{"Id": job["Id"], "Lease": job["Lease"]}]
+                step_clock(shift, step)
+                # At once, before the coordinator's next sweep (0.75 s at most) sees the step.
+                assert await client.call("Dext.HeartbeatJobs", held, "w1") == []
+                assert client.server_date is not None
+                assert abs(client.server_date + 0.5 - time.time()) < 3
+                with JobStore.open(postgres_url, create=False) as store:
+                    stamped = store.get(job["Id"]).HeartbeatAt
+                assert abs(stamped - time.time()) < 3
+                # The sweep that sees the step takes nothing back, and the proof is taken.
+                await wait_until(lambda: b"the wall clock stepped" in c.stderr, timeout=30,
+                                 what="the step seen by a sweep")  # fmt: skip
+                assert await client.call("Dext.HeartbeatJobs", held, "w1") == []
+                proof = base64.b64encode(b"a proof").decode()
+                output = {"proofs": [proof], "faults": []}
+                await client.call("Dext.FinishJob", job["Id"], job["Lease"], output, "")
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+        with JobStore.open(postgres_url, create=False) as store:
+            done = store.get(job["Id"])
+        finished = (done.State, done.cancelled, done.ErrorReason, done.TryNum)
+        assert finished == ("finished", False, "", 1)
+    except BaseException as exc:
+        exc.add_note(f"the coordinator said:\n{_said(c)}")
+        raise
+    finally:
+        c.stop()
+    said = c.stderr.decode()
+    assert "keeps to the job store's server's clock, which does not follow it" in said, said
+    assert "timed out" not in said and "Traceback" not in said, said
+
+
+async def test_coordinators_keep_to_the_servers_clock_within_a_sweep_after_it_steps(
+    postgres_url, tmp_path
+):
+    # NTP on the database host steps the server's clock back 300 s. Each coordinator read the
+    # server's clock every 10 minutes from its own start: A, (re)started after the step, stamped
+    # its workers' heartbeats 300 s behind the clock B swept with, and B's sweep took their jobs
+    # back as silent, heartbeated all along. Each reads the server's clock before each sweep
+    # pass, and counts its move as a step: only the silent job is taken back.
+    (tmp_path / "sector-manager.cfg").write_text(SHORT_TIMEOUT)
+    server = tmp_path / "server-shift"
+    with JobStore.open(postgres_url) as store:
+        for seed in range(2):
+            store.create(make_input(miner=1000 + seed, seed=seed), time.time())
+    conf = ("--conf-dir", str(tmp_path))
+    a = CoordinatorProcess(postgres_url, *conf, dext=dext_stepping(server=server))
+    b = CoordinatorProcess(postgres_url, *conf, dext=dext_stepping(server=server))
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await b.start(nursery)
+                step_clock(server, -300.0)
+                await a.start(nursery)  # reads the server's clock as it is now
+                to_a = RpcClient(f"127.0.0.1:{a.port}", timeout=30)
+                kept, silent = await to_a.call("Dext.AllocateJobs", {}, 2, "w1")
+                held = [{"Id": kept["Id"], "Lease": kept["Lease"]}]
+
+                def taken_back() -> bool:
+                    with JobStore.open(postgres_url, create=False) as store:
+                        return store.get(silent["Id"]).State != "running"
+
+                async def heartbeat_through_a() -> None:
+                    while True:
+                        assert await to_a.call("Dext.HeartbeatJobs", held, "w1") == []
+                        await trio.sleep(0.25)  # the worker's heartbeat period, not a wait
+
+                nursery.start_soon(heartbeat_through_a)
+                # The silent job is taken back a timeout after it was given out: by then B had
+                # swept four times, and on the old reading took the kept job back at its first.
+                await wait_until(taken_back, timeout=30, what="the silent job taken back")
+                nursery.cancel_scope.cancel()
+            await to_a.aclose()
+        with JobStore.open(postgres_url, create=False) as store:
+            job = store.get(kept["Id"])
+        assert (job.State, job.lease, job.TryNum) == ("running", kept["Lease"], 1)
+    except BaseException as exc:
+        exc.add_note(f"A and B said:\n{_said(a, b)}")
+        raise
+    finally:
+        a.stop()
+        b.stop()
+    said = b.stderr.decode()
+    assert "moved back by 300.0 s against this machine's monotonic clock" in said, said
+    assert "no running job is taken back for the step" in said, said
+    assert b"Traceback" not in a.stderr + b.stderr
