@@ -92,7 +92,10 @@ async def open_job_producer(
 
     `stores` (name -> path) and, with `conf_dir`, the [[Common.PersistStores]] of
     damocles-manager's sector-manager.cfg there map the task's paths to store names; that file's
-    [Common.Proving.WorkerProver] gives the limits. Raises UsageError for a bad URL or config, or
+    [Common.Proving.WorkerProver] gives the limits. On PostgreSQL it keeps to the server's clock,
+    as the coordinators do (read before the block starts, 3 s at most, then at each poll):
+    `deadline_after` is counted on it, and a machine whose clock is 2 s or more off is warned;
+    a `deadline` given to submit is a unix time taken as it is. Raises UsageError for a bad URL or config, or
     a store that takes no writes or that another user could change (as `serve --jobs` does),
     and StoreError when the store cannot be reached (or no thread can be started to open it)."""
     # Else, from asyncio, trio's refusal of the thread read as this user's limit of tasks.
@@ -118,6 +121,8 @@ async def open_job_producer(
         producer = JobProducer.on(store, settings, deadline_after=deadline_after)
         async with trio.open_nursery() as nursery:
             producer.start_watches(nursery)
+            # On the server's clock before a job is made: deadline_after is counted on it.
+            await nursery.start(producer.watch_clock)
             try:
                 yield producer
             except BaseException as exc:  # noqa: BLE001 - re-raised below, outside the nursery

@@ -5,6 +5,7 @@ to the server's clock, and between its readings advances it by a clock that only
 from __future__ import annotations
 
 import base64
+import subprocess
 import time
 
 import pytest
@@ -132,3 +133,52 @@ async def test_coordinators_keep_to_the_servers_clock_within_a_sweep_after_it_st
     assert "moved back by 300.0 s against this machine's monotonic clock" in said, said
     assert "no running job is taken back for the step" in said, said
     assert b"Traceback" not in a.stderr + b.stderr
+
+
+async def test_prove_jobs_on_a_machine_behind_the_server_gives_the_deadline_on_the_servers_clock(
+    postgres_url, tmp_path
+):
+    # `prove --jobs --deadline 30` (the Python API's open_job_producer underneath) on a machine
+    # 60 s behind the database server gave its job a deadline 30 s in the server's past: it was
+    # cancelled at the next sweep, at a time still in the producer's future, and no clock was
+    # warned of (only serve's producer compared them). Its deadlines are on the server's clock.
+    from helpers.frontend import dext_env, dext_shifted
+    from test_producer import finish_as_worker, task_in_store_a
+
+    from damocles_ext.jobs import model
+    from damocles_ext.protocol.jsonl import task_to_json
+
+    root, task, job_id = task_in_store_a(tmp_path)
+    (tmp_path / "task.json").write_bytes(task_to_json(task))
+    argv = [*dext_shifted(-60.0), "prove", "window_post", "--request", str(tmp_path / "task.json"),
+            "--jobs", postgres_url, "--store", f"a={root}", "--deadline", "30", "--no-progress",
+            "--log-level", "info", "--poll-interval", "0.1"]  # fmt: skip
+    process = await trio.lowlevel.open_process(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dext_env()
+    )
+    seen = b""
+    try:
+        with trio.fail_after(60):
+            while f"job {job_id}: created".encode() not in seen:
+                chunk = await process.stderr.receive_some(4096)
+                assert chunk, seen
+                seen += chunk
+            with JobStore.open(postgres_url, create=False) as store:
+                job = store.get(job_id)
+            assert job is not None and job.not_after is not None
+            assert abs(job.not_after - (time.time() + 30)) < 5, (job.not_after, time.time())
+            await finish_as_worker(postgres_url, job_id, model.JobOutput(proofs=(b"p",), faults=()))
+            out = b""
+            while chunk := await process.stdout.receive_some(4096):
+                out += chunk
+            while chunk := await process.stderr.receive_some(4096):
+                seen += chunk
+            assert await process.wait() == 0, seen
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    said = seen.decode()
+    assert "this machine's clock is 60.0 s behind the clock of the job store's" in said, said
+    assert "this producer keeps to the server's clock" in said, said
+    assert b'"proofs": ["cA=="]' in out or b'"proofs":["cA=="]' in out, out

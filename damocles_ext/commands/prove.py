@@ -252,7 +252,7 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
             with _one_line_errors():
                 output = prove_through_jobs(
                     args.jobs, task, stores=args.attached, conf_dir=args.conf_dir,
-                    deadline=deadline, poll_interval=args.poll_interval,
+                    **_job_deadline(args, deadline), poll_interval=args.poll_interval,
                 )  # fmt: skip
         elif args.config is not None or args.conf_dir is not None:
             from damocles_ext.config import check_startable
@@ -312,6 +312,21 @@ def _one_line_errors() -> Iterator[None]:
         if (escaped := one_line(said)) != said:
             exc.args = (escaped,)  # its type, exit code and fields kept
         raise
+
+
+def _job_deadline(args: argparse.Namespace, deadline: float | None) -> dict[str, float | None]:
+    """The deadline of the job --jobs makes: seconds from now (--deadline SECONDS, or the
+    default) as `deadline_after`, counted by the producer on the store's clock (its PostgreSQL
+    server's: this machine's may be off it, and a job given a deadline 60 s early by a clock 60 s
+    behind was cancelled at once); an ISO time as the `deadline` it is."""
+    if args.deadline is None:
+        from .serve import DEFAULT_DEADLINE_AFTER
+
+        return {"deadline": None, "deadline_after": DEFAULT_DEADLINE_AFTER[args.stage]}
+    try:
+        return {"deadline": None, "deadline_after": float(args.deadline)}
+    except ValueError:  # an ISO time: parse_deadline read it
+        return {"deadline": deadline, "deadline_after": None}
 
 
 def _check_jobs_args(args: argparse.Namespace) -> None:

@@ -21,7 +21,6 @@ import dataclasses
 import logging
 import math
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -34,7 +33,7 @@ from ..jobs.manager_config import ManagerConfig, read_settings
 from ..jobs.outage import Outage
 from ..jobs.paths import StoreMap, job_input
 from ..jobs.store import JobStore, StoreError, StoreLost, StoreTakesNoWrites, TrioJobStore
-from ..jobs.trio_store import SKEW_CHECK_EVERY, check_clock
+from ..jobs.trio_store import CLOCK_SKEW, SkewNotice
 from ..tasks import (
     Output,
     Task,
@@ -70,6 +69,13 @@ LATE_LOOK = 5.0
 FILE_CHECK_EVERY = 10.0
 
 #: The effects after which a job may be done: a producer's wait looks at it again.
+_PRODUCER_KEEPS_TO_IT = (
+    "this producer keeps to the server's clock, as the coordinators do: the deadlines it gives"
+    " (deadline_after, serve's --deadline-after, prove's --deadline SECONDS) are on it, so no"
+    " job is cancelled early for it; but a deadline given as a unix time (a request's, submit's"
+    " `deadline`, prove's --deadline ISO-TIME) is read on the server's clock as it is"
+)
+
 _MAY_BE_DONE = (rules.Finished, rules.JobCancelled, rules.TimedOut, rules.Removed)
 
 WINNING_REFUSED = (
@@ -103,14 +109,16 @@ class JobProducer:
         stores: StoreMap,
         *,
         deadline_after: float | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
         file_check_every: float = FILE_CHECK_EVERY,
     ) -> None:
         self.store = store
         self.stores = stores
         self.deadline_after = deadline_after
         self.file_check_every = file_check_every  # how often watch_store_file looks
-        self.clock = clock
+        #: The clock of the deadlines given here: the store's (its PostgreSQL server's once
+        #: `watch_clock` read it), or a test's.
+        self.clock = store.clock if clock is None else clock
         self.in_flight = InFlight()
         # One event per job id waited for, set (and dropped) by wake(); several requests for one
         # job share it, and the last of them to stop waiting drops it (`_waiting` counts them).
@@ -246,21 +254,60 @@ class JobProducer:
             nursery.start_soon(listener.run)
         nursery.start_soon(self.watch_store_file)
 
-    async def watch_clock(self) -> None:
-        """Until cancelled: every SKEW_CHECK_EVERY s, whether this machine's clock, which the
-        deadlines of the jobs made here come from, is the PostgreSQL server's (check_clock).
-        Not with a coordinator in this process: its sweeps check the same clock."""
-        if self.deadline_after is None or not self.store.store.is_postgresql:
+    async def watch_clock(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                          ) -> None:  # fmt: skip
+        """Keep the store's clock on its PostgreSQL server's, as the coordinators' is: the
+        deadlines given here (`deadline_after`), the jobs' stamps and this producer's sweeps of
+        them at their deadline. Read before `task_status.started()` (waited for
+        SERVE_CONNECT_TIMEOUT s at most), then every poll_interval until cancelled; this
+        machine's clock is said when CLOCK_SKEW or more off it. Given deadlines from this
+        machine's clock 60 s behind the server's, a job of `deadline_after=30` was cancelled
+        at the coordinator's next sweep, and nothing said why. Not with a coordinator in this
+        process: the store's clock is the coordinator's, which its sweeps read."""
+        if not self.store.store.is_postgresql:
+            task_status.started()
             return
-        effect = (
-            "serve gives each job a deadline from this clock, which the coordinators and"
-            " workers judge by theirs: its jobs are cancelled, and their proofs cut short, early"
-            " (this clock behind) or late (ahead) by as much"
-        )
-        skew = None
+        notice = SkewNotice(log, _PRODUCER_KEEPS_TO_IT)
+        said = [False]  # a failed reading was warned of (once while no reading worked)
+        with trio.move_on_after(SERVE_CONNECT_TIMEOUT) as waited:
+            await self._read_clock(notice, said)
+        if waited.cancelled_caught:
+            self._clock_unread(f"no answer within {SERVE_CONNECT_TIMEOUT:g} s", said)
+        task_status.started()
         while True:
-            skew = await check_clock(self.store, self.clock, skew, log, effect)
-            await trio.sleep(SKEW_CHECK_EVERY)
+            await trio.sleep(self.limits.poll_interval)
+            await self._read_clock(notice, said)
+
+    async def _read_clock(self, notice: SkewNotice, said: list[bool]) -> None:
+        where, first = self.store.store.where, self.store.server_offset is None
+        try:
+            moved = await self.store.read_server_clock()
+        except Exception as exc:  # noqa: BLE001 (a reading: never a reason to stop serving)
+            self._clock_unread(str(exc), said)
+            return
+        if said[0]:
+            said[0] = False
+            log.info("the clock of the job store's server is read again: this producer keeps to it")
+        elif not first and moved is not None and abs(moved) >= CLOCK_SKEW:
+            log.info("the clock of the job store's server (%s) moved %.1f s since it was last"
+                     " read: this producer keeps to it", where, moved)  # fmt: skip
+        notice.read(self.store.wall_skew(), where)
+
+    def _clock_unread(self, why: str, said: list[bool]) -> None:
+        """The server's clock could not be read: said once while the store follows this
+        machine's clock (no reading worked), else the last reading holds."""
+        where = self.store.store.where
+        if said[0] or self.store.server_offset is not None:
+            log.debug("cannot read the clock of the store %s: %s", where, why)
+            return
+        said[0] = True
+        log.warning(
+            "cannot read the clock of the job store's PostgreSQL server (%s): %s; this producer"
+            " gives deadlines on this machine's clock, which may be off the server's, which the"
+            " coordinators keep to, until a reading works (tried at each poll; a line says"
+            " when)",
+            where, why,
+        )  # fmt: skip
 
     async def watch_store_file(self) -> None:
         """Until cancelled, or its SQLite store is lost: whether the store's file is still the
@@ -523,8 +570,8 @@ async def run_producer(
                     # here: its sweeps, begun after it serves, were the only reading.
                     await coordinator[0].server_clock.read_before_serving(SERVE_CONNECT_TIMEOUT)
                 producer.start_watches(nursery)
-                if coordinator is None:
-                    nursery.start_soon(producer.watch_clock)
+                if coordinator is None:  # on the server's clock before a job is made
+                    await nursery.start(producer.watch_clock)
                 else:
                     rpc, server = coordinator
                     await nursery.start(server.serve)

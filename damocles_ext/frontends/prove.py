@@ -122,15 +122,17 @@ def prove_through_jobs(
     stores: list[tuple[str, str]],
     conf_dir: str | None,
     deadline: float | None = None,
+    deadline_after: float | None = None,
     poll_interval: float | None = None,
 ) -> Output:
     """Prove `task` as a job of the store at `url`: the workers prove it (api.submit_job),
-    its result looked for every `poll_interval` (None: the store's limits', damocles' 3 s)."""
+    its result looked for every `poll_interval` (None: the store's limits', damocles' 3 s);
+    its deadline `deadline` (unix time), else `deadline_after` s from now on the store's clock."""
     from ..api import submit_job
 
     submit = functools.partial(
         submit_job, url, task, deadline=deadline, stores=stores, conf_dir=conf_dir,
-        poll_interval=poll_interval,
+        deadline_after=deadline_after, poll_interval=poll_interval,
     )  # fmt: skip
     return trio.run(submit)
 

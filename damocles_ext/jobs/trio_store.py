@@ -272,31 +272,3 @@ class SkewNotice:
         if self.skew is not None:
             self.logger.info("this machine's clock agrees with the job store's server again")
         self.skew = None
-
-
-async def check_clock(
-    store: TrioJobStore,
-    clock: Callable[[], float],
-    known: float | None,
-    logger: logging.Logger,
-    effect: str,
-) -> float | None:
-    """This machine's clock (`clock`) against the store's PostgreSQL server's: a warning saying
-    `effect` when they are CLOCK_SKEW or more apart, one line when they agree again after `known`
-    (the last skew warned of); the skew now warned of, or None (in step, SQLite, unread)."""
-    try:
-        skew = await store.in_thread(clock_skew, store.store.engine, clock)
-    except Exception as exc:  # noqa: BLE001 (a check: never a reason for its caller to stop)
-        logger.debug("cannot read the clock of the store %s: %s", store.store.where, exc)
-        return known
-    if skew is not None and abs(skew) >= CLOCK_SKEW:
-        way = "ahead of" if skew > 0 else "behind"
-        logger.warning(
-            "this machine's clock is %.1f s %s the clock of the job store's PostgreSQL server"
-            " (%s): %s; keep the clocks in step (NTP: `timedatectl`, `chronyc tracking`)",
-            abs(skew), way, store.store.where, effect,
-        )  # fmt: skip
-        return skew
-    if known is not None and skew is not None:
-        logger.info("this machine's clock agrees with the job store's server again")
-    return None
