@@ -64,7 +64,10 @@ async def dext(*argv: str) -> int:
 
 
 async def serving(nursery: trio.Nursery, store: JobStore, **kw) -> CoordinatorServer:
-    server = CoordinatorServer(Coordinator(TrioJobStore(store)), "127.0.0.1", 0, **kw)
+    # On the test's clock (time.time as patched): its answers' Date, the listing's now.
+    server = CoordinatorServer(
+        Coordinator(TrioJobStore(store, clock=time.time)), "127.0.0.1", 0, **kw
+    )
     await nursery.start(server.serve)
     return server
 
@@ -230,3 +233,22 @@ def test_a_servers_error_reaches_the_terminal_with_its_controls_escaped(capsys):
             assert code in (1, 2) and "\x1b" not in err and "\r" not in err, err
             assert err.count("\n") == 1, err  # one line
             assert "does not exist\\x1b[2J\\x1b[31mFAKE\\nsecond line\\rCR" in err, err
+
+
+async def test_list_over_rpc_reads_the_ages_on_the_coordinators_clock(
+    monkeypatch, tmp_path, capsys
+):
+    # The coordinator stamps on its store's clock (the PostgreSQL server's): `wdpost list
+    # --manager` on a machine 5 minutes ahead of it showed every heartbeat 5 minutes older.
+    monkeypatch.setattr(time, "time", lambda: T0 + 4000 + 300)
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
+        made = fill(store)
+        async with trio.open_nursery() as nursery:
+            coordinator = Coordinator(TrioJobStore(store, clock=lambda: T0 + 4000))
+            server = CoordinatorServer(coordinator, "127.0.0.1", 0)
+            await nursery.start(server.serve)
+            address = f"/ip4/127.0.0.1/tcp/{server.port}"
+            assert await dext("wdpost", "list", "--manager", address) == 0
+            nursery.cancel_scope.cancel()
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if made["busy"].Id in line]
+    assert row.split()[-2:] == ["1h5m0s", "58m23s"], row

@@ -259,8 +259,11 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
                 # Newest first, as both servers send them; sorted here too so that ties (and an
                 # older server) give the order the store-side listing gives.
                 jobs.sort(key=lambda j: (-j.CreatedAt, j.Id))
+                # Ages on the coordinator's clock (the store's server's, which it stamps on):
+                # its answer's Date, to the second; this machine's only when it sent none.
+                now = client.server_date
                 _print_list(args, jobs, max_try if server_max_try is None else server_max_try,
-                            time.time())  # fmt: skip
+                            time.time() if now is None else now)  # fmt: skip
             elif args.wdpost_command == "reset":
                 done: list[str] = []
                 for job_id in args.ids:
