@@ -16,9 +16,9 @@ from helpers.frontend import CoordinatorProcess
 from test_jobs_rules import make_input
 
 from damocles_ext.jobs.client import RpcClient, RpcConnectionError
-from damocles_ext.jobs.database import clock_skew
 from damocles_ext.jobs.model import FINISHED
 from damocles_ext.jobs.store import JobStore, TrioJobStore
+from damocles_ext.jobs.store_clock import clock_skew
 
 JOBS = 24
 WORKERS = 4  # the even ones speak our Dext.* methods, the odd ones damocles-worker's Venus.*
@@ -537,20 +537,20 @@ async def test_serve_waits_a_bounded_time_for_a_server_clock_that_does_not_answe
     caplog.set_level(logging.INFO, "damocles_ext.coordinator")
     with JobStore.open(postgres_url) as store:
         jobs = TrioJobStore(store)
-        answering = jobs.in_thread
+        answering = jobs._in_thread
         coordinator = Coordinator(jobs)
         clock = coordinator.server_clock
 
-        async def stalled(fn, *args, **kwargs):
+        async def stalled(call, within):
             await trio.sleep_forever()
 
-        jobs.in_thread = stalled
+        jobs._in_thread = stalled
         with trio.fail_after(10):
             await clock.read_before_serving(0.2)
         (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert "did not answer within 0.2 s when its clock was read" in warning, warning
         assert "until a sweep reads it" in warning
         assert jobs.server_offset is None  # read at the first sweep
-        jobs.in_thread = answering
+        jobs._in_thread = answering
         await clock.read_server()
         assert "the clock of the job store's server is read again" in caplog.text

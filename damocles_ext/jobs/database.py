@@ -329,18 +329,6 @@ def make_engine(url: str, *, busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
 # --- rows and records ---------------------------------------------------------------------------
 
 
-def clock_skew(engine: Engine, clock: Any) -> float | None:
-    """Seconds `clock()` (unix time) runs ahead of the PostgreSQL server's clock (negative:
-    behind), read halfway through the query's round trip; None for SQLite (one machine)."""
-    if engine.dialect.name != "postgresql":
-        return None
-    with engine.connect() as conn:
-        before = clock()
-        server = conn.execute(sa.text("SELECT EXTRACT(EPOCH FROM clock_timestamp())")).scalar_one()
-        after = clock()
-    return (before + after) / 2 - float(server)
-
-
 def check_create(event: rules.Create) -> None:
     try:
         model.check_input(event.input)

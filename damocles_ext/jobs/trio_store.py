@@ -23,11 +23,11 @@ from .database import (
     StoreError,
     StoreTakesNoWrites,
     StoreUnavailable,
-    clock_skew,
 )
 from .model import JobOutput, JobRecord, WdPoStInput
 from .silence import Hearing
 from .stalls import LOOK_EVERY, Stalls, name_of
+from .store_clock import clock_skew
 
 if TYPE_CHECKING:
     from .store import JobStore, Outcome
@@ -41,6 +41,26 @@ DEFAULT_CALL_TIMEOUT = 60.0
 #: What the store calls of this task are made for (an RPC method, "the sweep"), for the warning of
 #: a call that waits on a stalled store (`TrioJobStore.watch_stalls`); "": not said.
 calling: ContextVar[str] = ContextVar("damocles_ext_store_calling", default="")
+
+log = logging.getLogger("damocles_ext.jobs")
+
+#: Seconds a reading of the server's clock (one tiny query) is waited for: a stalled database
+#: holds a sweep no longer than that before it goes on, on the last reading.
+READ_CLOCK_TIMEOUT = 3.0
+
+#: A reading of the server's clock whose round trip took longer (seconds) is not kept when one is
+#: known: it may be off by half of that (a retransmitted packet, a server starved of CPU).
+SLOW_READING = 0.5
+
+
+def boot_clock() -> float:
+    """Seconds since boot, counting the time suspended (Linux's CLOCK_BOOTTIME; a system call,
+    safe from any thread); time.monotonic where there is none (it stops while suspended)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+if not hasattr(time, "CLOCK_BOOTTIME"):  # not Linux
+    boot_clock = time.monotonic
 
 
 class TrioJobStore:
@@ -69,11 +89,14 @@ class TrioJobStore:
                  call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:  # fmt: skip
         self.store = store
         self.local_clock = clock
-        #: What the store's clock advances by between readings of the server's: time.monotonic
-        #: (read from worker threads too: the metrics' collection), or a test's `clock`.
-        self.steady = steady or (time.monotonic if clock is time.time else clock)
-        #: The PostgreSQL server's clock minus `steady`, as last read (None: unread, SQLite).
+        #: What the store's clock advances by between readings of the server's: `boot_clock`
+        #: (read from worker threads too: the metrics' collection), which counts a suspend of
+        #: this machine as time.monotonic does not, or a test's `clock`.
+        self.steady = steady or (boot_clock if clock is time.time else clock)
+        #: The PostgreSQL server's clock minus `steady`, as last read (None: unread, SQLite),
+        #: and that reading's round trip (its error is up to half of it).
         self.server_offset: float | None = None
+        self._offset_round_trip = 0.0
         #: The store's clock, the `now` of every call (a test may set its own in its place).
         self.clock: Callable[[], float] = self._clock
         self.monotonic = monotonic  # how long a call took (a step of `clock` is not a slow call)
@@ -92,18 +115,37 @@ class TrioJobStore:
 
     async def read_server_clock(self) -> float | None:
         """Read the PostgreSQL server's clock and keep to it (`clock`): the seconds that moved
-        the store's clock (0.0 when the reading is within OFFSET_TOLERANCE of it, as it stood);
-        None on SQLite (one machine: its clock is kept). Raises what the reading raised."""
+        the store's clock; 0.0 when the reading is within its error of the last one (half of
+        both round trips, and OFFSET_TOLERANCE at least), or is not kept: a reading slower than
+        SLOW_READING when one is known (said at debug level). None on SQLite (one machine: its
+        clock is kept). Waited for READ_CLOCK_TIMEOUT seconds at most, as a call of the store
+        (a stall is said of it); raises what the reading raised, StoreUnavailable when it timed
+        out: the last reading holds."""
         if not self.store.is_postgresql:
             return None
-        skew = await self.in_thread(clock_skew, self.store.engine, self.steady)
-        if skew is None:
+        token = self.stalls.begin(self.monotonic(), calling.get(), clock_skew)
+        try:
+            reading = await self._in_thread(
+                functools.partial(clock_skew, self.store.engine, self.steady), READ_CLOCK_TIMEOUT
+            )
+        finally:
+            self.stalls.end(token)
+        self.stalls.answered_at = self.monotonic()
+        if reading is None:
             return None
         known = self.server_offset
-        if known is not None and abs(-skew - known) < OFFSET_TOLERANCE:
-            return 0.0
+        if known is not None:
+            if reading.round_trip > SLOW_READING:
+                log.debug("a reading of the clock of the store %s took %.3f s (over %g s): not"
+                          " kept, the last one holds", self.store.where, reading.round_trip,
+                          SLOW_READING)  # fmt: skip
+                return 0.0
+            error = (reading.round_trip + self._offset_round_trip) / 2
+            if abs(-reading.skew - known) < max(OFFSET_TOLERANCE, error):
+                return 0.0
         before = self._clock()
-        self.server_offset = -skew
+        self.server_offset = -reading.skew
+        self._offset_round_trip = reading.round_trip
         return self._clock() - before
 
     def wall_skew(self) -> float:
@@ -147,14 +189,16 @@ class TrioJobStore:
 
     async def in_thread(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         """`fn(*args, **kwargs)` in a worker thread of the store's, within call_timeout."""
-        call = functools.partial(fn, *args, **kwargs)
-        with trio.move_on_after(self.call_timeout):
+        return await self._in_thread(functools.partial(fn, *args, **kwargs), self.call_timeout)
+
+    async def _in_thread(self, call: Callable[[], R], within: float) -> R:
+        with trio.move_on_after(within):
             try:
                 return await run_in_thread(call, limiter=self._limiter, abandon_on_cancel=True)
             except NoThreadError as exc:  # the store was not asked
                 raise StoreUnavailable(f"job store {self.store.where}: {exc}") from None
         raise StoreUnavailable(
-            f"job store {self.store.where}: no answer to {name_of(fn)} within {self.call_timeout:g}"
+            f"job store {self.store.where}: no answer to {name_of(call)} within {within:g}"
             " s; the database hangs (its host frozen or the network stalled?): check it; the call"
             " is not waited for"
         )

@@ -74,12 +74,12 @@ if {wall!r} is not None:
     _time = time.time
     time.time = lambda: _time() + _seconds({wall!r})
 if {server!r} is not None:
-    import damocles_ext.jobs.database as database
-    _skew = database.clock_skew
+    import damocles_ext.jobs.store_clock as store_clock
+    _skew = store_clock.clock_skew
     def clock_skew(engine, clock):
-        skew = _skew(engine, clock)
-        return None if skew is None else skew - _seconds({server!r})
-    database.clock_skew = clock_skew
+        r = _skew(engine, clock)
+        return None if r is None else r._replace(skew=r.skew - _seconds({server!r}))
+    store_clock.clock_skew = clock_skew
 from damocles_ext.cli import main
 sys.exit(main())
 """
