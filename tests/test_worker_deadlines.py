@@ -1,7 +1,7 @@
 """`damocles-ext worker` and its jobs' deadlines: a proof cut short by its job's deadline is no
 failure of this worker's prover (a real coordinator over HTTP, a real store, real children); and
 a worker whose machine's clock is off its coordinator's reads a job's deadline (NotAfter, on the
-coordinator's clock) on the coordinator's clock, from the difference the Date of its answers
+coordinator's clock) on the coordinator's clock, from the difference the clock of its answers
 shows (real processes: a coordinator on SQLite, its clock this machine's, and a worker whose
 `time.time` is shifted, `dext_shifted`)."""
 

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import logging
 import time
+from email.utils import formatdate
 
 import pytest
 import trio
 from helpers.frontend import plugin_block
-from test_worker import Rig, children, job_input, start_worker
+from test_worker import Rig, children, job_input, start_worker, worker_settings
 
 from damocles_ext.frontends.coordinator import Coordinator
 from damocles_ext.frontends.worker import Worker
 from damocles_ext.frontends.worker_ping import SKEW_CORRECTED, check_skew, manager_offset
 from damocles_ext.jobs import rpc
+from damocles_ext.jobs.client import AnswerClock, RpcClient, answer_clock
 from damocles_ext.jobs.worker_rules import worker_info
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
@@ -144,7 +146,9 @@ async def test_a_worker_whose_clock_is_off_the_managers_is_warned_once(tmp_path,
                 nursery.cancel_scope.cancel()
     finally:
         rig.close()
-    skew = [r.getMessage() for r in caplog.records if "the manager's (the Date" in r.getMessage()]
+    skew = [
+        r.getMessage() for r in caplog.records if "the manager's (the clock of" in r.getMessage()
+    ]
     assert len(skew) == 1, skew  # once, however many pings
     assert "about 30 s ahead of the manager's" in skew[0]
     assert "is read on the manager's clock, corrected by this difference" in skew[0]
@@ -155,10 +159,10 @@ def test_the_clock_check_warns_once_each_way_and_says_when_it_agrees_again(caplo
     caplog.set_level(logging.INFO, "damocles_ext.worker")
     date = 1_700_000_000.0
     assert check_skew(None, date, False) is False  # no Date: nothing to compare
-    assert check_skew(date, date + 0.9, False) is False  # within the second it names
-    assert check_skew(date, date - 10, False) is True
-    assert check_skew(date, date - 10, True) is True
-    assert check_skew(date, date + 1, True) is False
+    assert check_skew(_date(date), date + 0.9, False) is False  # within the second it names
+    assert check_skew(_date(date), date - 10, False) is True
+    assert check_skew(_date(date), date - 10, True) is True
+    assert check_skew(_date(date), date + 1, True) is False
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert "about 10 s behind the manager's" in messages[0]
@@ -232,14 +236,129 @@ async def test_a_paused_workers_ping_reports_its_free_slots_paused_at_once(tmp_p
     assert paused == {"gpu-1"}  # the coordinator that took the ping shows it paused
 
 
+def _date(date: float) -> AnswerClock:
+    """The clock an answer with this Date (and no X-Dext-Clock) gives: the middle of its second."""
+    return AnswerClock(date + 0.5, precise=False)
+
+
 def test_the_managers_clock_is_taken_from_a_date_only_beyond_its_seconds_noise():
     # The Date is to the second: read as the middle of it, a clock in step is within half a
     # second of it, and is not corrected; a clock off by more is, by what the Date shows.
     date = 1_700_000_000.0
-    assert manager_offset(date, date + 0.5, 0.0) == 0.0  # in step
-    assert manager_offset(date, date + 0.5 + 0.9, 0.0) == 0.0  # within the noise
-    assert manager_offset(date, date + 0.5 + SKEW_CORRECTED, 0.0) == -SKEW_CORRECTED
-    assert manager_offset(date, date + 60.3, 0.0) == pytest.approx(-59.8)  # 60 s ahead
-    assert manager_offset(date, date - 59.7, 0.0) == pytest.approx(60.2)  # 60 s behind
+    assert manager_offset(_date(date), date + 0.5, 0.0) == 0.0  # in step
+    assert manager_offset(_date(date), date + 0.5 + 0.9, 0.0) == 0.0  # within the noise
+    assert manager_offset(_date(date), date + 0.5 + SKEW_CORRECTED, 0.0) == -SKEW_CORRECTED
+    assert manager_offset(_date(date), date + 60.3, 0.0) == pytest.approx(-59.8)  # 60 s ahead
+    assert manager_offset(_date(date), date - 59.7, 0.0) == pytest.approx(60.2)  # 60 s behind
     assert manager_offset(None, date, -59.8) == -59.8  # no Date: the last one kept
-    assert manager_offset(date, date + 0.2, -59.8) == 0.0  # back in step
+    assert manager_offset(_date(date), date + 0.2, -59.8) == 0.0  # back in step
+
+
+def test_the_managers_clock_to_the_millisecond_is_taken_as_it_is():
+    # A damocles-ext coordinator's X-Dext-Clock: no second's noise to ignore, so a clock 0.8 s
+    # off is corrected by 0.8 s, not by 0 or 1.2 s from one answer to the next as by a Date.
+    at = 1_700_000_000.25
+    assert manager_offset(AnswerClock(at, precise=True), at + 0.8, 0.0) == pytest.approx(-0.8)
+    assert manager_offset(AnswerClock(at, precise=True), at - 0.004, 0.0) == pytest.approx(
+        0.004, abs=1e-6
+    )
+    assert check_skew(AnswerClock(at, precise=True), at + 2.9, False) is False
+    assert check_skew(AnswerClock(at, precise=True), at + 3.1, False) is True
+
+
+def test_an_answers_clock_is_its_x_dext_clock_before_its_date():
+    # Behind nginx, the Date is the proxy machine's (here a minute off); the header the
+    # coordinator's, passed on as it is.
+    date = (b"date", b"Tue, 14 Nov 2023 22:12:20 GMT")  # 1_700_000_000 - 60
+    assert answer_clock([date, (b"x-dext-clock", b"1700000000.123")]) == AnswerClock(
+        1_700_000_000.123, precise=True
+    )
+    assert answer_clock([date]) == AnswerClock(1_699_999_940.5, precise=False)  # a manager's
+    for unreadable in (b"soon", b"nan", b"inf", b"-5", b""):
+        assert answer_clock([date, (b"x-dext-clock", unreadable)]) == AnswerClock(
+            1_699_999_940.5, precise=False
+        )
+    assert answer_clock([]) is None
+
+
+async def test_the_coordinators_answers_carry_its_clock_to_the_millisecond(tmp_path):
+    # Its store's clock (on PostgreSQL the server's), beside the Date, in X-Dext-Clock.
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db")
+    rig.jobs.clock = lambda: 1_700_000_000.1234
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                async with RpcClient(f"127.0.0.1:{rig.port}") as client:
+                    await client.call("Venus.WdPoStAllJobs")
+                    headers = dict(client._last_headers)
+                    clock = client.answer_clock
+                nursery.cancel_scope.cancel()
+    finally:
+        rig.close()
+    assert headers[b"x-dext-clock"] == b"1700000000.123"
+    assert headers[b"date"] == b"Tue, 14 Nov 2023 22:13:20 GMT"  # (kept, as HTTP servers do)
+    assert clock == AnswerClock(1_700_000_000.123, precise=True)
+
+
+async def _date_rewriting_proxy(upstream: int, shift: float, task_status=trio.TASK_STATUS_IGNORED):
+    """A reverse proxy to `upstream` that sends its own Date, `shift` seconds off the true
+    time (as nginx sends its machine's, by default), and passes every other header on."""
+
+    async def answers(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        buffer = b""
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                if not (data := await source.receive_some(65536)):
+                    return
+                buffer += data
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"date:")]
+            lines.append(b"Date: " + formatdate(time.time() + shift, usegmt=True).encode())
+            length = next(int(ln.split(b":")[1]) for ln in lines
+                          if ln.lower().startswith(b"content-length:"))  # fmt: skip
+            while len(buffer) < length:
+                if not (data := await source.receive_some(65536)):
+                    return
+                buffer += data
+            body, buffer = buffer[:length], buffer[length:]
+            await sink.send_all(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+
+    async def requests(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+
+    async def proxy(client: trio.SocketStream) -> None:
+        server = await trio.open_tcp_stream("127.0.0.1", upstream)
+        async with server, client, trio.open_nursery() as nursery:
+            nursery.start_soon(requests, client, server)
+            await answers(server, client)
+            nursery.cancel_scope.cancel()
+
+    await trio.serve_tcp(proxy, 0, host="127.0.0.1", task_status=task_status)
+
+
+async def test_a_worker_behind_a_proxy_with_a_date_a_minute_off_reads_deadlines_on_the_coordinator(
+    tmp_path,
+):
+    # nginx in front of the coordinator sends its own Date, here a minute behind; the worker
+    # took that for the coordinator's clock and read every job's deadline a minute early.
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=Pinged)
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                [listener] = await nursery.start(_date_rewriting_proxy, rig.port, -60.0)
+                settings = worker_settings(
+                    f"127.0.0.1:{listener.socket.getsockname()[1]}", kids, ping_interval=0.02
+                )
+                worker = Worker(settings)
+                running = await start_worker(nursery, worker)
+                await worker.wait_for(lambda: worker.counters.pings >= 3)
+                offset = worker.clock_offset
+                await running.stop()
+                nursery.cancel_scope.cancel()
+    finally:
+        rig.close()
+    assert offset == pytest.approx(0, abs=0.5), offset  # (not -60: the Date)

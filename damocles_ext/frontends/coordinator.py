@@ -562,7 +562,8 @@ class _Connection(HttpConnection):
         super().__init__(stream, idle_timeout=server.idle_timeout, max_head=MAX_HEAD, log=log,
                          what="coordinator", stopping=lambda: server.stopping)  # fmt: skip
         self._server = server
-        # Workers read a job's NotAfter against the Date: the coordinator's clock, the server's.
+        # Workers read a job's NotAfter against the Date and X-Dext-Clock: the coordinator's
+        # clock, the server's.
         self.date_clock = server.coordinator.store.clock
         self._refused: rpc.RpcError | None = None  # the request being read lacks the token
         self._why: str | None = None  # what is wrong with its token, said in our log

@@ -17,6 +17,7 @@ from email.utils import formatdate
 import h11
 import trio
 
+from ..jobs.client import CLOCK_HEADER
 from .listeners import ConnectionSlots
 
 TEXT = "text/plain; charset=utf-8"
@@ -77,8 +78,8 @@ class HttpConnection:
         self._answering_head = False  # the request being answered is a HEAD: no body goes back
         self._wait_scope = trio.CancelScope()
         self._evicted = False  # closed by the server (room for another, a stop): no 408
-        #: The clock of the answers' Date (a coordinator's: its store's, which workers compare
-        #: theirs with); None: this machine's.
+        #: The clock of the answers' Date and CLOCK_HEADER (a coordinator's: its store's, which
+        #: workers compare theirs with); None: this machine's, in the Date only.
         self.date_clock: Callable[[], float] | None = None
 
     @property
@@ -220,9 +221,12 @@ class HttpConnection:
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body)))]
-        # As HTTP servers do (workers read it).
+        # As HTTP servers do (workers read it); a coordinator's clock, to the millisecond, in
+        # a header of its own too: a proxy replaces the Date with its own, and passes it on.
         date = None if self.date_clock is None else self.date_clock()
         headers.append(("Date", formatdate(date, usegmt=True)))
+        if date is not None:
+            headers.append((CLOCK_HEADER, f"{date:.3f}"))
         if close:
             headers.append(("Connection", "close"))
         headers += extra or []

@@ -88,6 +88,7 @@ from .worker_state import (
 if TYPE_CHECKING:
     import pluggy
 
+    from ..jobs.client import AnswerClock
     from ..jobs.endpoint import Endpoint
     from ..jobs.worker_rules import PulledJob
     from ..jobs.worker_settings import WorkerSettings
@@ -139,7 +140,7 @@ class Worker:
         self.allocating = False  # an allocation call's answer is awaited (worker_beats)
         self.deferred_stops: dict[str, str | None] = {}  # job -> lease put off (worker_beats)
         self._over_allocated = False  # the last allocation gave more than was asked (said)
-        #: The manager's clock less this machine's, from the Date of its answers (worker_ping.
+        #: The manager's clock less this machine's, from the clock of its answers (worker_ping.
         #: manager_offset): job deadlines are the manager's, and read on its clock.
         self.clock_offset = 0.0
 
@@ -393,7 +394,7 @@ class Worker:
                 await self.retry_wait(backoff.next_delay(), until_stopped=True)
                 continue
             self.answered(self._outage, self._refusals)
-            self.heard_date(self._calls.server_date)  # (before its jobs' deadlines are read)
+            self.heard_clock(self._calls.answer_clock)  # (before its jobs' deadlines are read)
             backoff.reset()
             self.counters.allocations += 1
             # Asked again at once only after a full answer with a new job: a job given again
@@ -582,8 +583,8 @@ class Worker:
     def now(self) -> float:
         return self._clock()
 
-    def heard_date(self, server_date: float | None) -> None:  # (pings, allocations, heartbeats)
-        self.clock_offset = manager_offset(server_date, self._clock(), self.clock_offset)
+    def heard_clock(self, clock: AnswerClock | None) -> None:  # (pings, allocations, beats)
+        self.clock_offset = manager_offset(clock, self._clock(), self.clock_offset)
 
     def deadline_of(self, job: PulledJob) -> float | None:
         """The job's deadline (its NotAfter, on the manager's clock) on this machine's clock,

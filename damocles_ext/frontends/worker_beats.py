@@ -18,7 +18,7 @@ from ..jobs.worker_rules import job_gone, unheld_stops
 from .worker_state import NOT_RUNNING, HeldJob, StopSignal
 
 if TYPE_CHECKING:
-    from ..jobs.client import RpcClient
+    from ..jobs.client import AnswerClock, RpcClient
     from ..jobs.worker_rules import UnheldStops
     from .worker_state import WorkerCounters
 
@@ -62,9 +62,9 @@ class Beating(Protocol):
         not connect during it (`heard`)."""
         ...
 
-    def heard_date(self, server_date: float | None) -> None:
-        """An answer just received had this Date (None: none): the manager's clock, by which
-        job deadlines are read."""
+    def heard_clock(self, clock: AnswerClock | None) -> None:
+        """An answer just received gave this clock (its X-Dext-Clock, else its Date; None:
+        neither): the manager's, by which job deadlines are read."""
         ...
 
     def beats_idle(self) -> None:
@@ -128,7 +128,7 @@ async def heartbeat_leased(worker: Beating, beats: RpcClient, held: list[HeldJob
             worker.heard()  # (a whole answer)
         failed(worker, exc)
         return
-    worker.heard_date(beats.server_date)  # (the deadlines of the jobs held: on its clock)
+    worker.heard_clock(beats.answer_clock)  # (the deadlines of the jobs held: on its clock)
     beaten(worker, held, started, {s.Id for s in stop})
     if worker.unheld_stops.to_say(unheld := sorted({s.Id for s in stop} - sent.keys())):
         log.warning("%s", unheld_stops(worker.manager_url, unheld))  # (not at each heartbeat)

@@ -21,7 +21,7 @@ from ..jobs.client import RpcCallError, RpcClientError, local_address_towards, m
 from ..jobs.worker_rules import WorkerInfo, worker_info
 
 if TYPE_CHECKING:
-    from ..jobs.client import RpcClient
+    from ..jobs.client import AnswerClock, RpcClient
     from ..jobs.endpoint import Endpoint
     from .worker_state import HeldJob, Pause, WorkerCounters
 
@@ -52,9 +52,9 @@ class Pinging(Protocol):
         """The wall clock (compared with the manager's)."""
         ...
 
-    def heard_date(self, server_date: float | None) -> None:
-        """An answer just received had this Date (None: none): the manager's clock, by which
-        job deadlines are read."""
+    def heard_clock(self, clock: AnswerClock | None) -> None:
+        """An answer just received gave this clock (its X-Dext-Clock, else its Date; None:
+        neither): the manager's, by which job deadlines are read."""
         ...
 
     def paused(self) -> Pause | None:
@@ -130,8 +130,8 @@ async def ping_forever(
             failing = False
             worker.counters.pings += 1
             worker.touch()
-            worker.heard_date(pings.server_date)
-            skewed = check_skew(pings.server_date, worker.now(), skewed)
+            worker.heard_clock(clock := pings.answer_clock)
+            skewed = check_skew(clock, worker.now(), skewed)
         with trio.move_on_after(interval):
             # (A pause begins with a failure, a slot frees with a result, a pause ends with an
             # allocation: each changes the worker.)
@@ -150,12 +150,13 @@ def paused_slots(worker: Pinging) -> int:
     return max(0, worker.slots() - busy)
 
 
-#: A worker whose clock is this far from its manager's (the Date of the ping's answer, to the
-#: second) is warned: its log's times are its own, and a clock that far off is no clock in step.
+#: A worker whose clock is this far from its manager's (the clock of the ping's answer) is
+#: warned: its log's times are its own, and a clock that far off is no clock in step.
 CLOCK_SKEW = 3.0
 
-#: The least difference of the manager's clock and this machine's that the worker corrects job
-#: deadlines by (`manager_offset`). The Date of an answer is to the second: read as the middle of
+#: The least difference of the manager's clock and this machine's, read on a Date, that the worker
+#: corrects job deadlines by (`manager_offset`); a damocles-ext coordinator's X-Dext-Clock, to the
+#: millisecond, is taken as it is, whatever the difference. The Date of an answer is to the second: read as the middle of
 #: its second, it puts a clock in step anywhere within half a second of it (and the round trip's
 #: time on top). Below a second the difference is that noise, not a clock off, and correcting by
 #: it would move every deadline of a worker in step by up to half a second, one way or the other;
@@ -163,31 +164,30 @@ CLOCK_SKEW = 3.0
 SKEW_CORRECTED = 1.0
 
 
-def manager_offset(server_date: float | None, now: float, offset: float) -> float:
+def manager_offset(clock: AnswerClock | None, now: float, offset: float) -> float:
     """The manager's clock less this machine's, by which the worker reads job deadlines
-    (NotAfter, on the manager's clock) on its own: from the Date of an answer received at `now`
-    (read as the middle of its second), 0 when within SKEW_CORRECTED; `offset`, the one used
-    so far, when the answer has no Date."""
-    if server_date is None:
+    (NotAfter, on the manager's clock) on its own: from the clock of an answer received at
+    `now`: its X-Dext-Clock as it is; its Date (the middle of its second), 0 when within
+    SKEW_CORRECTED; `offset`, the one used so far, when the answer gave neither."""
+    if clock is None:
         return offset
-    measured = server_date + 0.5 - now
-    return measured if abs(measured) >= SKEW_CORRECTED else 0.0
+    measured = clock.at - now
+    return measured if clock.precise or abs(measured) >= SKEW_CORRECTED else 0.0
 
 
-def check_skew(server_date: float | None, now: float, skewed: bool) -> bool:
+def check_skew(clock: AnswerClock | None, now: float, skewed: bool) -> bool:
     """Warn once when this machine's clock is CLOCK_SKEW or more away from the manager's (the
-    answer's Date, read as the middle of its second), and once when it agrees again; whether
-    it is off now."""
-    if server_date is None:
+    answer's clock: `manager_offset`), and once when it agrees again; whether it is off now."""
+    if clock is None:
         return skewed
-    skew = now - (server_date + 0.5)
+    skew = now - clock.at
     if abs(skew) >= CLOCK_SKEW:
         if not skewed:
             log.warning(
-                "this machine's clock is about %.0f s %s the manager's (the Date of its answers):"
+                "this machine's clock is about %.0f s %s the manager's (the clock of its answers):"
                 " a job's deadline (NotAfter: a damocles-ext coordinator's jobs carry one,"
                 " damocles-manager's do not) is read on the manager's clock, corrected by this"
-                " difference (to within a second), but this machine's log times are its own;"
+                " difference, but this machine's log times are its own;"
                 " keep the clocks in step (NTP: `timedatectl`, `chronyc tracking`)",
                 abs(skew),
                 "ahead of" if skew > 0 else "behind",

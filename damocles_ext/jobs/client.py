@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import errno
 import itertools
+import math
 from collections.abc import Iterable
 from email.utils import parsedate_to_datetime
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import h11
 import msgspec
@@ -186,7 +187,7 @@ class RpcClient:
         self._connected = False  # the call under the lock has a connection to send on
         #: Connections opened so far (a test sees the reconnects).
         self.connections_opened = 0
-        #: The headers of the last answer (its Date is read only when asked: `server_date`).
+        #: The headers of the last answer (its clock is read only when asked: `answer_clock`).
         self._last_headers: Iterable[tuple[bytes, bytes]] = ()
 
     @property
@@ -194,6 +195,13 @@ class RpcClient:
         """The Date of the last answer (unix time, to the second; None: none, or unreadable):
         the server's clock, as the worker compares it with its own."""
         return _http_date(self._last_headers)
+
+    @property
+    def answer_clock(self) -> AnswerClock | None:
+        """The server's clock as the last answer gave it: its CLOCK_HEADER (a damocles-ext
+        coordinator's, to the millisecond), else its Date (damocles-manager's, and any proxy's
+        own: to the second, read as the middle of it); None: neither, or unreadable."""
+        return answer_clock(self._last_headers)
 
     async def __aenter__(self) -> Self:
         return self
@@ -409,6 +417,34 @@ def _header(headers: Iterable[tuple[bytes, bytes]], wanted: bytes) -> str | None
         if name == wanted:
             return value.decode("latin-1")
     return None
+
+
+#: The header a damocles-ext coordinator gives its clock in (unix time, to the millisecond),
+#: beside the Date: a reverse proxy (nginx) replaces the Date with its own machine's clock by
+#: default, but passes a header of the server's own on; and a Date is to the second only.
+CLOCK_HEADER = "X-Dext-Clock"
+
+
+class AnswerClock(NamedTuple):
+    """The server's clock when it answered (unix time), and whether it is `precise` (its
+    CLOCK_HEADER) or a Date's (to the second: within half a second of `at`)."""
+
+    at: float
+    precise: bool
+
+
+def answer_clock(headers: Iterable[tuple[bytes, bytes]]) -> AnswerClock | None:
+    """The server's clock in a response's headers: CLOCK_HEADER if readable, else the Date."""
+    given = _header(headers, CLOCK_HEADER.lower().encode())
+    if given is not None:
+        try:
+            at = float(given)
+        except ValueError:
+            at = math.nan
+        if math.isfinite(at) and at > 0:
+            return AnswerClock(at, precise=True)
+    date = _http_date(headers)
+    return None if date is None else AnswerClock(date + 0.5, precise=False)
 
 
 def _http_date(headers: Iterable[tuple[bytes, bytes]]) -> float | None:

@@ -194,7 +194,7 @@ def deadline_reached(not_after: float | None, now: float) -> bool:
 #: A result whose job has a deadline is tried again this long before it at the latest, whatever
 #: its backoff (`finish_wait`): our coordinator cancels the job at its deadline and refuses a finish
 #: after it. It covers the deadline read on the manager's clock to within a second or so (the
-#: worker's clock corrected by the Date of its answers, worker_ping.manager_offset) and the
+#: worker's clock corrected by the clock of its answers, worker_ping.manager_offset) and the
 #: finish's round trip and store write (well under 2 s).
 LAST_TRY_MARGIN = 5.0
 
