@@ -154,13 +154,14 @@ def paused_slots(worker: Pinging) -> int:
 #: warned: its log's times are its own, and a clock that far off is no clock in step.
 CLOCK_SKEW = 3.0
 
-#: The least difference of the manager's clock and this machine's, read on a Date, that the worker
-#: corrects job deadlines by (`manager_offset`); a damocles-ext coordinator's X-Dext-Clock, to the
-#: millisecond, is taken as it is, whatever the difference. The Date of an answer is to the second: read as the middle of
-#: its second, it puts a clock in step anywhere within half a second of it (and the round trip's
-#: time on top). Below a second the difference is that noise, not a clock off, and correcting by
-#: it would move every deadline of a worker in step by up to half a second, one way or the other;
-#: a clock off by less is left as it is, where the correction could do no better.
+#: The least difference of the manager's clock and this machine's, read on a Date, that the
+#: worker corrects job deadlines by (`manager_offset`); a damocles-ext coordinator's
+#: X-Dext-Clock, to the millisecond, is taken as it is, whatever the difference. The Date of an
+#: answer is to the second: read as the middle of its second, it puts a clock in step anywhere
+#: within half a second of it (and the round trip's time on top). Below a second the difference
+#: is that noise, not a clock off, and correcting by it would move every deadline of a worker in
+#: step by up to half a second, one way or the other; a clock off by less is left as it is,
+#: where the correction could do no better.
 SKEW_CORRECTED = 1.0
 
 
