@@ -287,6 +287,38 @@ async def test_a_manager_down_while_every_slot_proves_is_shown_unreachable_by_th
     assert not [m for m in lines if m.startswith("the heartbeats of the jobs")], lines
 
 
+async def test_a_finish_alone_begins_the_managers_outage_and_an_error_answer_to_it_ends_it(
+    manager, tmp_path, caplog
+):
+    # The one slot delivers, so no job is asked for, and heartbeats and pings are far apart:
+    # the finish is the only call. Its failures begin the manager's outage (one line), and an
+    # answer to it, though a JSON-RPC error (the manager back, its job store not yet), ends it.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    jid = manager.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0.5, progress_interval=0.05))
+    settings = worker_settings(
+        manager.url, kids, max_jobs=1, heartbeat_interval=600.0, ping_interval=600.0
+    )
+    worker = Worker(settings)
+    async with pulling(manager, worker):
+        await worker.wait_for(lambda: jid in worker.held)
+        manager.stop()  # connections refused; the proof goes on
+        await worker.wait_for(lambda: worker.held[jid].delivery_failures >= 2)
+        assert not worker.manager_reachable
+        manager.kv_down = KV_DOWN
+        manager.start()  # the same port: the finish is answered, with its store's error
+        await worker.wait_for(lambda: worker.held[jid].delivery_error == KV_DOWN)
+        assert worker.manager_reachable
+        manager.kv_down = None
+        await worker.wait_for(lambda: worker.counters.delivered == 1)
+    assert manager.job(jid).State == "finished" and manager.job(jid).Output.proofs
+    assert worker.counters.given_up == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "damocles_ext.worker"]
+    [down] = [m for m in lines if m.startswith("the manager is unreachable")]
+    assert "Venus.WdPoStFinishJob" in down, down
+    assert len([m for m in lines if m.startswith("the manager answers again")]) == 1, lines
+
+
 async def test_an_attached_store_damocles_manager_does_not_have_stops_the_worker_at_start(
     manager, tmp_path
 ):
