@@ -70,6 +70,30 @@ async def test_proofs_cut_short_by_their_deadline_do_not_pause_the_worker(tmp_pa
         rig.close()
 
 
+async def test_a_proof_cut_by_its_deadline_is_not_sent_though_the_wall_clock_read_lags_it(
+    tmp_path, caplog
+):
+    # The supervisor cuts the proof at the job's deadline; the worker's clock, read as the proof
+    # fails, may be a little short of it (half a second here: clocks read apart, a clock within
+    # the skew it does not correct). Still the deadline's cut: nothing is sent (the coordinator
+    # refuses a finish after the deadline), no "given up" error.
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db")
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=60, progress_interval=0.05))
+    settings = rig.settings(kids, shutdown_grace=0.2, idle_poll=0.05)
+    worker = Worker(settings, clock=lambda: time.time() - 0.5)
+    try:
+        async with serving(rig, worker):
+            await worker.supervisor.wait_ready("window_post", 1)
+            job, _ = await rig.jobs.create(job_input(seed=5), not_after=time.time() + 1.5)
+            await worker.wait_for(lambda: job.Id in worker.held)
+            await worker.wait_for(lambda: job.Id not in worker.held)
+            assert worker.counters.finish_retries == 0 and worker.counters.given_up == 1
+            assert worker.counters.delivered == 0 and "given up" not in caplog.text
+            assert f"job {job.Id}: no proof before its deadline; nothing to deliver" in caplog.text
+    finally:
+        rig.close()
+
+
 class WorkerProcess:
     """One `damocles-ext worker` subprocess whose clock is `shift` s off this machine's."""
 
