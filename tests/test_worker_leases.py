@@ -12,7 +12,16 @@ from test_worker import Rig, children, job_input, serving
 
 from damocles_ext.frontends.coordinator import Coordinator
 from damocles_ext.frontends.worker import Worker
+from damocles_ext.frontends.worker_state import (
+    ADOPTED,
+    AFRESH,
+    EMPTY_INPUT,
+    SAME,
+    HeldJob,
+    given_again,
+)
 from damocles_ext.jobs import rpc
+from damocles_ext.jobs.worker_rules import PulledJob
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
@@ -301,3 +310,27 @@ async def test_a_result_sent_under_a_lease_that_lapsed_as_it_went_is_sent_again_
         assert len(waits) == 1  # the refused finish was sent again at once
     finally:
         rig.close()
+
+
+def test_a_job_given_again_under_a_new_lease_is_adopted_from_that_allocation_unless_stopping():
+    first = PulledJob(Id="j", Input=EMPTY_INPUT, Lease="lease-1", TryNum=1)
+    later = PulledJob(Id="j", Input=EMPTY_INPUT, Lease="lease-2", TryNum=2)
+    # Adopted: the held job is the new allocation's, and so is its time, from which its
+    # result's lifetime runs (counted from the lapsed one, the result could be given up as
+    # "not delivered within the lifetime" of an allocation the manager no longer has).
+    held = HeldJob(first, allocated_at=100.0)
+    assert given_again(held, later, 500.0) == ADOPTED
+    assert (held.job, held.allocated_at) == (later, 500.0)
+    # The same lease (the same allocation told twice): nothing new.
+    held = HeldJob(first, allocated_at=100.0)
+    assert given_again(held, first, 500.0) == SAME and held.allocated_at == 100.0
+    # A job being stopped (its proof or delivery cancelled) cannot be adopted: its work is
+    # going away, and the new allocation would be left unproved and unheard; proved afresh.
+    held = HeldJob(first, allocated_at=100.0, stop_reason="lease_lost: taken back")
+    assert given_again(held, later, 500.0) == AFRESH
+    assert (held.job, held.allocated_at) == (first, 100.0)
+    # A result (a proof) being delivered is adopted; an error being delivered is not.
+    held = HeldJob(first, allocated_at=100.0, state="finishing")
+    assert given_again(held, later, 500.0) == ADOPTED
+    held = HeldJob(first, allocated_at=100.0, state="finishing", error="no proof")
+    assert given_again(held, later, 500.0) == AFRESH
