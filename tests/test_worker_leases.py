@@ -4,11 +4,13 @@ under the new lease, not dropped (a real coordinator over HTTP, a real store, re
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import trio
 import trio.testing
 from helpers.frontend import plugin_block
-from test_worker import Rig, children, job_input, serving
+from test_worker import Rig, children, job_input, serving, worker_settings
 
 from damocles_ext.frontends.coordinator import Coordinator
 from damocles_ext.frontends.worker import Worker
@@ -334,3 +336,19 @@ def test_a_job_given_again_under_a_new_lease_is_adopted_from_that_allocation_unl
     assert given_again(held, later, 500.0) == ADOPTED
     held = HeldJob(first, allocated_at=100.0, state="finishing", error="no proof")
     assert given_again(held, later, 500.0) == AFRESH
+
+
+def test_a_job_stopped_again_before_its_proof_ends_is_counted_and_said_once(tmp_path, caplog):
+    # A stop may come again while the first one's cancellation has not yet released the job (a
+    # second heartbeat's answer, or the job given again afresh): the first reason stands, the
+    # stop is counted once (the stopped-by counters) and said once.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    worker = Worker(worker_settings("http://127.0.0.1:9", kids))
+    held = HeldJob(PulledJob(Id="j", Input=EMPTY_INPUT, Lease="lease-1", TryNum=1), 0.0)
+    worker.held["j"] = held
+    worker.stop_job("j", "lease_lost", "lease_lost: another worker holds it")
+    worker.stop_job("j", "reset", "reset: given to this worker afresh (try 1)")
+    assert held.scope.cancel_called and held.stop_reason == "lease_lost: another worker holds it"
+    assert worker.counters.stopped_by == {"lease_lost": 1}
+    assert len([r for r in caplog.records if "the manager took it back" in r.getMessage()]) == 1
