@@ -686,6 +686,9 @@ async def test_a_proof_longer_than_the_grace_is_cancelled_and_left_to_the_heartb
     assert worker.counters.delivered == 0
     [line] = logged(caplog, "heartbeat timeout")
     assert job.Id in line and "cancelled" in line
+    # Cancelled at the end of the grace, as said: not left running through the results' grace
+    # and then said to be a result lost.
+    assert not logged(caplog, "could not be delivered"), caplog.text
 
 
 async def test_a_second_sigterm_stops_the_worker_command_at_once_naming_the_jobs_it_held(
