@@ -352,3 +352,53 @@ def test_a_job_stopped_again_before_its_proof_ends_is_counted_and_said_once(tmp_
     assert held.scope.cancel_called and held.stop_reason == "lease_lost: another worker holds it"
     assert worker.counters.stopped_by == {"lease_lost": 1}
     assert len([r for r in caplog.records if "the manager took it back" in r.getMessage()]) == 1
+
+
+class SlowFinishAnswer(Coordinator):
+    """Stores each Dext.FinishJob, then holds its answer until `answers_go` (slow on its way
+    back, while the heartbeats' own connection goes on)."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.stored = trio.Event()
+        self.answers_go = trio.Event()
+
+    async def handle(self, call):
+        result = await super().handle(call)
+        if call.method == "Dext.FinishJob":
+            self.stored.set()
+            await self.answers_go.wait()
+        return result
+
+
+async def test_a_heartbeat_saying_finished_before_the_finishs_own_answer_drops_nothing(
+    tmp_path, caplog
+):
+    # The finish is stored, its answer slow; a heartbeat, on its own connection, is answered
+    # first: "finished". That is this worker's own finish: the delivery goes on to its answer,
+    # counted delivered, neither cancelled nor said dropped ("took it back") with an error.
+    caplog.set_level(logging.INFO, "damocles_ext.worker")
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=SlowFinishAnswer)
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0.1))
+    worker = Worker(rig.settings(kids, idle_poll=0.05, heartbeat_interval=0.05))
+    beats_after = [0]
+    job, _ = await rig.jobs.create(job_input())
+    try:
+        async with serving(rig, worker):
+            await rig.coordinator.stored.wait()
+
+            def beaten(_seconds: float) -> None:  # each heartbeat answered, from now on
+                beats_after[0] += 1
+                worker.touch()
+
+            worker.counters.on_heartbeat = beaten
+            # The second heartbeat answered from now on was sent after the finish was stored:
+            # answered "finished" (and acted on, or not, as its answer was read).
+            await worker.wait_for(lambda: beats_after[0] >= 2 or worker.counters.stopped)
+            rig.coordinator.answers_go.set()
+            await worker.wait_for(lambda: job.Id not in worker.held)
+        assert worker.counters.delivered == 1 and worker.counters.stopped_by == {}
+        assert "took it back" not in caplog.text, caplog.text
+        assert (await rig.jobs.get(job.Id)).succeeded
+    finally:
+        rig.close()
