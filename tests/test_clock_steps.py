@@ -182,3 +182,31 @@ async def test_prove_jobs_on_a_machine_behind_the_server_gives_the_deadline_on_t
     assert "this machine's clock is 60.0 s behind the clock of the job store's" in said, said
     assert "this producer keeps to the server's clock" in said, said
     assert b'"proofs": ["cA=="]' in out or b'"proofs":["cA=="]' in out, out
+
+
+@pytest.mark.parametrize("asked", [None, "60"])
+def test_prove_jobs_gives_the_job_what_is_left_of_its_deadline_after_the_sectors_lookup(asked):
+    # --deadline SECONDS (and the default) count from the command's start; the job's
+    # deadline_after counts from the job's creation, after the sectors' lookup (up to a quarter
+    # of the deadline): passed as it was asked, the job got that much longer than asked.
+    import argparse
+
+    from damocles_ext.commands.prove import _job_deadline
+    from damocles_ext.commands.serve import DEFAULT_DEADLINE_AFTER
+
+    seconds = DEFAULT_DEADLINE_AFTER["window_post"] if asked is None else float(asked)
+    started = time.time() - 10.0  # the lookup took 10 s
+    args = argparse.Namespace(deadline=asked, stage="window_post")
+    given = _job_deadline(args, started + seconds)
+    assert given["deadline"] is None
+    assert given["deadline_after"] == pytest.approx(seconds - 10.0, abs=1.0)
+
+
+def test_prove_jobs_gives_a_deadline_given_as_a_time_as_it_is():
+    import argparse
+
+    from damocles_ext.commands.prove import _job_deadline
+
+    at = time.time() + 300.0
+    args = argparse.Namespace(deadline="2030-01-01T00:00:00Z", stage="window_post")
+    assert _job_deadline(args, at) == {"deadline": at, "deadline_after": None}

@@ -14,6 +14,7 @@ import os
 import re
 import string
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -315,18 +316,19 @@ def _one_line_errors() -> Iterator[None]:
 
 
 def _job_deadline(args: argparse.Namespace, deadline: float | None) -> dict[str, float | None]:
-    """The deadline of the job --jobs makes: seconds from now (--deadline SECONDS, or the
-    default) as `deadline_after`, counted by the producer on the store's clock (its PostgreSQL
-    server's: this machine's may be off it, and a job given a deadline 60 s early by a clock 60 s
-    behind was cancelled at once); an ISO time as the `deadline` it is."""
-    if args.deadline is None:
-        from .serve import DEFAULT_DEADLINE_AFTER
-
-        return {"deadline": None, "deadline_after": DEFAULT_DEADLINE_AFTER[args.stage]}
-    try:
-        return {"deadline": None, "deadline_after": float(args.deadline)}
-    except ValueError:  # an ISO time: parse_deadline read it
-        return {"deadline": deadline, "deadline_after": None}
+    """The deadline of the job --jobs makes: what is left now of the seconds asked (--deadline
+    SECONDS, or the default, both counted from the command's start: the sectors' lookup took
+    some of them) as `deadline_after`, counted by the producer on the store's clock (its
+    PostgreSQL server's: this machine's may be off it, and a job given a deadline 60 s early by
+    a clock 60 s behind was cancelled at once); an ISO time as the `deadline` it is."""
+    assert deadline is not None  # (the default is given before)
+    if args.deadline is not None:
+        try:
+            float(args.deadline)
+        except ValueError:  # an ISO time: parse_deadline read it
+            return {"deadline": deadline, "deadline_after": None}
+    # (Only a difference of this machine's clock: right whatever its offset to the server's.)
+    return {"deadline": None, "deadline_after": max(0.0, deadline - time.time())}
 
 
 def _check_jobs_args(args: argparse.Namespace) -> None:
