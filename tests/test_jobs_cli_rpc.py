@@ -252,3 +252,25 @@ async def test_list_over_rpc_reads_the_ages_on_the_coordinators_clock(
             nursery.cancel_scope.cancel()
     (row,) = [line for line in capsys.readouterr().out.splitlines() if made["busy"].Id in line]
     assert row.split()[-2:] == ["1h5m0s", "58m23s"], row
+
+
+async def test_list_over_rpc_through_a_proxy_reads_the_ages_on_the_coordinators_clock(
+    monkeypatch, tmp_path, capsys
+):
+    # Behind nginx the answer's Date is the proxy machine's (here 5 minutes ahead of the
+    # coordinator's store clock): the ages are read on the coordinator's own X-Dext-Clock.
+    from helpers.frontend import date_rewriting_proxy
+
+    monkeypatch.setattr(time, "time", lambda: T0 + 4000 + 300)
+    with JobStore.open(f"sqlite:///{tmp_path}/jobs.db") as store:
+        made = fill(store)
+        async with trio.open_nursery() as nursery:
+            coordinator = Coordinator(TrioJobStore(store, clock=lambda: T0 + 4000))
+            server = CoordinatorServer(coordinator, "127.0.0.1", 0)
+            await nursery.start(server.serve)
+            [listener] = await nursery.start(date_rewriting_proxy, server.port, 0.0)
+            port = listener.socket.getsockname()[1]
+            assert await dext("wdpost", "list", "--manager", f"/ip4/127.0.0.1/tcp/{port}") == 0
+            nursery.cancel_scope.cancel()
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if made["busy"].Id in line]
+    assert row.split()[-2:] == ["1h5m0s", "58m23s"], row

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import logging
 import time
-from email.utils import formatdate
 
 import pytest
 import trio
-from helpers.frontend import plugin_block
+from helpers.frontend import date_rewriting_proxy, plugin_block
 from test_worker import Rig, children, job_input, start_worker, worker_settings
 
 from damocles_ext.frontends.coordinator import Coordinator
@@ -301,43 +300,6 @@ async def test_the_coordinators_answers_carry_its_clock_to_the_millisecond(tmp_p
     assert clock == AnswerClock(1_700_000_000.123, precise=True)
 
 
-async def _date_rewriting_proxy(upstream: int, shift: float, task_status=trio.TASK_STATUS_IGNORED):
-    """A reverse proxy to `upstream` that sends its own Date, `shift` seconds off the true
-    time (as nginx sends its machine's, by default), and passes every other header on."""
-
-    async def answers(source: trio.SocketStream, sink: trio.SocketStream) -> None:
-        buffer = b""
-        while True:
-            while b"\r\n\r\n" not in buffer:
-                if not (data := await source.receive_some(65536)):
-                    return
-                buffer += data
-            head, _, buffer = buffer.partition(b"\r\n\r\n")
-            lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"date:")]
-            lines.append(b"Date: " + formatdate(time.time() + shift, usegmt=True).encode())
-            length = next(int(ln.split(b":")[1]) for ln in lines
-                          if ln.lower().startswith(b"content-length:"))  # fmt: skip
-            while len(buffer) < length:
-                if not (data := await source.receive_some(65536)):
-                    return
-                buffer += data
-            body, buffer = buffer[:length], buffer[length:]
-            await sink.send_all(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-
-    async def requests(source: trio.SocketStream, sink: trio.SocketStream) -> None:
-        while data := await source.receive_some(65536):
-            await sink.send_all(data)
-
-    async def proxy(client: trio.SocketStream) -> None:
-        server = await trio.open_tcp_stream("127.0.0.1", upstream)
-        async with server, client, trio.open_nursery() as nursery:
-            nursery.start_soon(requests, client, server)
-            await answers(server, client)
-            nursery.cancel_scope.cancel()
-
-    await trio.serve_tcp(proxy, 0, host="127.0.0.1", task_status=task_status)
-
-
 async def test_a_worker_behind_a_proxy_with_a_date_a_minute_off_reads_deadlines_on_the_coordinator(
     tmp_path,
 ):
@@ -349,7 +311,7 @@ async def test_a_worker_behind_a_proxy_with_a_date_a_minute_off_reads_deadlines_
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await nursery.start(rig.server.serve)
-                [listener] = await nursery.start(_date_rewriting_proxy, rig.port, -60.0)
+                [listener] = await nursery.start(date_rewriting_proxy, rig.port, -60.0)
                 settings = worker_settings(
                     f"127.0.0.1:{listener.socket.getsockname()[1]}", kids, ping_interval=0.02
                 )

@@ -260,10 +260,11 @@ def _run_rpc(args: argparse.Namespace, max_try: int) -> int:
                 # older server) give the order the store-side listing gives.
                 jobs.sort(key=lambda j: (-j.CreatedAt, j.Id))
                 # Ages on the coordinator's clock (the store's server's, which it stamps on):
-                # its answer's Date, to the second; this machine's only when it sent none.
-                now = client.server_date
+                # its answer's X-Dext-Clock, else its Date (damocles-manager's; behind a proxy,
+                # the proxy's); this machine's only when it sent neither.
+                clock = client.answer_clock
                 _print_list(args, jobs, max_try if server_max_try is None else server_max_try,
-                            time.time() if now is None else now)  # fmt: skip
+                            time.time() if clock is None else clock.at)  # fmt: skip
             elif args.wdpost_command == "reset":
                 done: list[str] = []
                 for job_id in args.ids:

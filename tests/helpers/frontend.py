@@ -13,9 +13,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
 
@@ -582,3 +584,42 @@ async def read_answer(
             return Answer(status, headers, body)
         else:  # closed
             return None
+
+
+async def date_rewriting_proxy(
+    upstream: int, shift: float, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
+    """A reverse proxy to `upstream` that sends its own Date, `shift` seconds off the true
+    time (as nginx sends its machine's, by default), and passes every other header on."""
+
+    async def answers(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        buffer = b""
+        while True:
+            while b"\r\n\r\n" not in buffer:
+                if not (data := await source.receive_some(65536)):
+                    return
+                buffer += data
+            head, _, buffer = buffer.partition(b"\r\n\r\n")
+            lines = [ln for ln in head.split(b"\r\n") if not ln.lower().startswith(b"date:")]
+            lines.append(b"Date: " + formatdate(time.time() + shift, usegmt=True).encode())
+            length = next(int(ln.split(b":")[1]) for ln in lines
+                          if ln.lower().startswith(b"content-length:"))  # fmt: skip
+            while len(buffer) < length:
+                if not (data := await source.receive_some(65536)):
+                    return
+                buffer += data
+            body, buffer = buffer[:length], buffer[length:]
+            await sink.send_all(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+
+    async def requests(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        while data := await source.receive_some(65536):
+            await sink.send_all(data)
+
+    async def proxy(client: trio.SocketStream) -> None:
+        server = await trio.open_tcp_stream("127.0.0.1", upstream)
+        async with server, client, trio.open_nursery() as nursery:
+            nursery.start_soon(requests, client, server)
+            await answers(server, client)
+            nursery.cancel_scope.cancel()
+
+    await trio.serve_tcp(proxy, 0, host="127.0.0.1", task_status=task_status)
