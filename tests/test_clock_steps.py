@@ -5,6 +5,7 @@ to the server's clock, and between its readings advances it by a clock that only
 from __future__ import annotations
 
 import base64
+import re
 import subprocess
 import time
 
@@ -130,7 +131,10 @@ async def test_coordinators_keep_to_the_servers_clock_within_a_sweep_after_it_st
         a.stop()
         b.stop()
     said = b.stderr.decode()
-    assert "moved back by 300.0 s against this machine's monotonic clock" in said, said
+    # (A reading is off by up to half its round trip: within a second on a loaded machine.)
+    assert re.search(r"moved back by (299\.\d|300\.\d) s against this machine's monotonic", said), (
+        said
+    )
     assert "no running job is taken back for the step" in said, said
     assert b"Traceback" not in a.stderr + b.stderr
 
@@ -179,7 +183,9 @@ async def test_prove_jobs_on_a_machine_behind_the_server_gives_the_deadline_on_t
             process.kill()
             await process.wait()
     said = seen.decode()
-    assert "this machine's clock is 60.0 s behind the clock of the job store's" in said, said
+    assert re.search(
+        r"this machine's clock is (59\.\d|60\.\d) s behind the clock of the job", said
+    ), said
     assert "this producer keeps to the server's clock" in said, said
     assert b'"proofs": ["cA=="]' in out or b'"proofs":["cA=="]' in out, out
 

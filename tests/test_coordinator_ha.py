@@ -379,7 +379,10 @@ async def test_a_worker_heartbeating_through_a_coordinator_whose_clock_is_behind
         a.stop()
         b.stop()
     said = b.stderr.decode()
-    assert "this machine's clock is 40.0 s behind the clock of the job store's" in said, said
+    # (A reading is off by up to half its round trip: within a second on a loaded machine.)
+    assert re.search(
+        r"this machine's clock is (39\.\d|40\.\d) s behind the clock of the job", said
+    ), said
     assert "keeps to the server's clock" in said, said
     assert b"Traceback" not in a.stderr + b.stderr
 
@@ -488,7 +491,9 @@ async def test_serve_with_its_own_coordinator_keeps_to_the_servers_clock_from_it
         assert f"job {job_id} was cancelled: its deadline passed at " in response.err_msg
         await stop(m)
     said = "\n".join(m.log)
-    behind = [i for i, line in enumerate(m.log) if "clock is 40.0 s behind the clock" in line]
+    behind = [
+        i for i, line in enumerate(m.log) if re.search(r"clock is (39|40)\.\d s behind", line)
+    ]
     assert behind and behind[0] < m.log.index(serving), said
     # Cancelled by the producer's sweep at the deadline, not by the coordinator's next one.
     assert f"sweep: job {job_id} cancelled" not in said, said

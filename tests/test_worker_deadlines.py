@@ -84,7 +84,7 @@ async def test_a_proof_cut_by_its_deadline_is_not_sent_though_the_wall_clock_rea
     try:
         async with serving(rig, worker):
             await worker.supervisor.wait_ready("window_post", 1)
-            job, _ = await rig.jobs.create(job_input(seed=5), not_after=time.time() + 1.5)
+            job, _ = await rig.jobs.create(job_input(seed=5), not_after=time.time() + 3.0)
             await worker.wait_for(lambda: job.Id in worker.held)
             await worker.wait_for(lambda: job.Id not in worker.held)
             assert worker.counters.finish_retries == 0 and worker.counters.given_up == 1
