@@ -28,7 +28,7 @@ from ..jobs.outage import Outage
 from ..jobs.pings import PausedWorkers
 from ..jobs.silence import Hearing
 from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, StoreLost, TrioJobStore
-from ..jobs.trio_store import SKEW_CHECK_EVERY, calling
+from ..jobs.trio_store import calling
 from ..threads import NoThreadError, run_in_thread
 from .coordinator_clock import ServerClock
 from .dext_rpc import DextMethods
@@ -72,6 +72,8 @@ CLEANUP_PASSES = 10
 # to SQLITE_WAL_SIZE_LIMIT at each restart, so it grows past that only while a reader keeps an
 # old snapshot (or for one large transaction).
 LOG_WARN_SIZE = 4 * SQLITE_WAL_SIZE_LIMIT
+# Seconds between two looks at a SQLite store's write-ahead log size (at a sweep's end).
+LOG_CHECK_EVERY = 600.0
 
 
 # A request without the right token is answered without its body being kept; a longer body than
@@ -313,7 +315,7 @@ class Coordinator:
                 for effect in outcome.effects:
                     log.info("sweep: %s", said_of(effect), extra=fields_of(effect))
                 if trio.current_time() >= next_log_check:
-                    next_log_check = trio.current_time() + SKEW_CHECK_EVERY
+                    next_log_check = trio.current_time() + LOG_CHECK_EVERY
                     await self._check_log()
                 if trio.current_time() >= next_cleanup:
                     more = await self._cleanup()

@@ -118,8 +118,8 @@ class TrioJobStore:
         the store's clock; 0.0 when the reading is within its error of the last one (half of
         both round trips, and OFFSET_TOLERANCE at least), or is not kept: a reading slower than
         SLOW_READING when one is known (said at debug level). None on SQLite (one machine: its
-        clock is kept). Waited for READ_CLOCK_TIMEOUT seconds at most, as a call of the store
-        (a stall is said of it); raises what the reading raised, StoreUnavailable when it timed
+        clock is kept). Waited for READ_CLOCK_TIMEOUT seconds at most, tracked as a call of the
+        store (shorter than SLOW_CALL: the stall warning comes from the sweep's calls); raises what the reading raised, StoreUnavailable when it timed
         out: the last reading holds."""
         if not self.store.is_postgresql:
             return None
@@ -285,7 +285,6 @@ CLOCK_SKEW = 2.0
 #: Seconds by which the server's clock, read again, may move against `steady` and be left as it
 #: was: the reading's own jitter (half a round trip) is no step of the store's clock.
 OFFSET_TOLERANCE = 0.25
-SKEW_CHECK_EVERY = 600.0
 
 
 class SkewNotice:
