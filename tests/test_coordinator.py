@@ -1217,7 +1217,7 @@ async def test_a_pause_and_a_step_back_seen_by_one_pass_keep_the_pause_where_it_
     coordinator = Coordinator(jobs, monotonic=lambda: steady[0])
     steady[0] += 1000
     now[0] += 1000
-    last = (steady[0], now[0])
+    last = (steady[0], now[0], now[0])
     steady[0] += 61  # a pass every 1 s, 60 s late
     now[0] += 61 - 3600
     coordinator.server_clock.watch(last, 1.0)

@@ -74,6 +74,47 @@ async def test_the_stores_clock_counts_a_suspend_of_this_machine(postgres_url, m
         assert abs(jobs.clock() - before - 600) < 5
 
 
+async def test_a_suspend_of_this_machine_takes_back_no_job_heartbeated_before_it(
+    postgres_url, monkeypatch, caplog
+):
+    # The store's clock counts a suspend (the boot clock), the monotonic clock the sweeps measure
+    # steps against does not: the 600 s were a step of the wall clock only ("no job is
+    # affected"), the server's clock read after the resume had not moved against the store's, and
+    # a sweep before the workers' next heartbeats took back every job heard before the suspend.
+    from test_jobs_rules import make_input
+
+    from damocles_ext.frontends.coordinator import Coordinator
+    from damocles_ext.jobs import rules
+    from damocles_ext.jobs.model import RUNNING
+
+    caplog.set_level(logging.INFO, "damocles_ext.coordinator")
+    suspended = [0.0]  # boot, wall and server clocks run on through it; the monotonic one stops
+
+    def reading(engine, clock):
+        read = clock_skew(engine, clock)
+        return None if read is None else read._replace(skew=read.skew - suspended[0])
+
+    monkeypatch.setattr(trio_store, "clock_skew", reading)
+    with JobStore.open(postgres_url) as store:
+        jobs = TrioJobStore(store, clock=lambda: time.time() + suspended[0],
+                            steady=lambda: time.monotonic() + suspended[0])  # fmt: skip
+        coordinator = Coordinator(jobs, monotonic=time.monotonic)
+        clock = coordinator.server_clock
+        await clock.read_server()
+        last = clock.watch(None, 1.0)
+        job, _ = await jobs.create(make_input())
+        await jobs.allocate(rules.AllocationSpec(), 1, "worker-a")
+        suspended[0] = 600.0
+        await clock.read_server()  # the server's clock moved with the store's: no step there
+        clock.watch(last, 1.0)
+        now = jobs.clock()
+        assert coordinator.hearing.silent_before(now, 30) == float("-inf")
+        await coordinator.sweep_once()  # before worker-a's next heartbeat lands
+        assert (await jobs.get(job.Id)).State == RUNNING
+    assert "this machine was suspended for 600 s" in caplog.text
+    assert "the wall clock stepped" not in caplog.text
+
+
 async def test_a_stalled_database_holds_a_reading_of_its_clock_seconds_not_a_call_timeout(
     postgres_url, caplog, mock_clock
 ):

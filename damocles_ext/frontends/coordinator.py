@@ -294,7 +294,8 @@ class Coordinator:
         manager while it was down."""
         next_cleanup = next_log_check = trio.current_time()
         started = False
-        last: tuple[float, float] | None = None  # (monotonic, this machine's) at the last pass
+        # (monotonic, this machine's, the store's clock) at the last pass
+        last: tuple[float, float, float] | None = None
         paused_at: float | None = None  # (monotonic) at the last pass's end
         while True:
             # Read at each pass: the limits may change while the coordinator runs.

@@ -10,8 +10,9 @@ whose clock stepped back 300 s stamped the next heartbeat 300 s back, and its ne
 the job back. SQLite is one machine: its clock is kept.
 
 Its sweeps see a step of the store's clock (this machine's wall clock stepped, on SQLite; the
-server's clock moved at a reading) by comparing it with a clock that only moves forward, and
-count the step in the `Hearing`.
+server's clock moved at a reading, or this machine was suspended, on PostgreSQL) by comparing it
+with a clock that only moves forward (and stops while suspended), and count the step in the
+`Hearing`.
 """
 
 from __future__ import annotations
@@ -136,38 +137,39 @@ class ServerClock:
         )  # fmt: skip
 
     def watch(
-        self, last: tuple[float, float] | None, every: float, paused_at: float | None = None
-    ) -> tuple[float, float]:
+        self, last: tuple[float, float, float] | None, every: float, paused_at: float | None = None
+    ) -> tuple[float, float, float]:
         """A store's clock that stepped forward since the last pass (`last`: when it began, on
-        the monotonic and this machine's wall clock) would make every running job look silent
-        for the step, and so would a stretch in which this process did not run (SIGSTOP, a
-        paused VM, swapping): the heartbeats sent then wait unread, and this pass comes first.
-        Either stretch counts as unheard. The latter is measured over the pause of `every`
-        seconds since `paused_at` (the last pass's end): time the pass spent waiting for the
-        store is the store's (`Hearing` counts it). The store's clock steps when the server's
-        moved at a reading, or, while it follows this machine's (SQLite, or no reading yet),
-        when this machine's does."""
+        the monotonic clock, this machine's wall clock and the store's) would make every running
+        job look silent for the step, and so would a stretch in which this process did not run
+        (SIGSTOP, a paused VM, swapping): the heartbeats sent then wait unread, and this pass
+        comes first. Either stretch counts as unheard. The latter is measured over the pause of
+        `every` seconds since `paused_at` (the last pass's end): time the pass spent waiting for
+        the store is the store's (`Hearing` counts it). The step is what the store's clock gained
+        on the monotonic clock: the server's moved at a reading, or this machine was suspended
+        (the store's clock counts it, the monotonic clock does not), or, while it follows this
+        machine's (SQLite, or no reading yet), this machine's stepped."""
         on_wall, self._on_wall = self._on_wall, self.store.server_offset is None
-        # This machine's clock: the store's while it follows it (a test may set the store's).
-        wall_now = self.store.clock() if self._on_wall else self.store.local_clock()
-        now = (self._monotonic(), wall_now)
+        now = (self._monotonic(), self.store.local_clock(), self.store.clock())
         moved, self._moved = self._moved, 0.0
-        wall = late = 0.0
+        # Before the first pass: the readings moved the clock the hearing began on.
+        step, wall, late = moved, 0.0, 0.0
         if last is not None and self._watch_clocks:
+            step = (now[2] - last[2]) - (now[0] - last[0])
             wall = (now[1] - last[1]) - (now[0] - last[0])
             late = (now[0] - (last[0] if paused_at is None else paused_at)) - every
-        # A move of the server's clock was said as it was read (read_server): only this
-        # machine's step is said here.
-        said = abs(wall) > CLOCK_STEP
-        if said and not on_wall:
+        # A move of the server's clock was said as it was read (read_server): the rest of the
+        # step is said here, a step of this machine's wall clock the store's does not follow too.
+        own = step - moved
+        said = on_wall and abs(own) > CLOCK_STEP  # the wall clock's step, the store's too
+        suspended = not on_wall and own > CLOCK_STEP
+        if not on_wall and abs(wall - own) > CLOCK_STEP:
             log.info(
                 "the wall clock stepped %s by %.0f s since the last sweep: this coordinator"
                 " keeps to the job store's server's clock, which does not follow it, so no job"
                 " is affected",
-                "forward" if wall > 0 else "back", abs(wall),
+                "forward" if wall > own else "back", abs(wall - own),
             )  # fmt: skip
-            said, wall = False, 0.0
-        step = wall + moved
         if step < -CLOCK_STEP:
             if said:
                 log.warning(
@@ -183,8 +185,13 @@ class ServerClock:
             why = "the machine paused or overloaded?"
             self._unheard(late, f"this coordinator did not run for {late:.0f} s ({why})")
         if step > CLOCK_STEP:
-            why = "set by NTP, or the machine was suspended?"
-            what = f"the wall clock stepped forward by {step:.0f} s ({why})" if said else ""
+            what = ""
+            if said:
+                why = "set by NTP, or the machine was suspended?"
+                what = f"the wall clock stepped forward by {step:.0f} s ({why})"
+            elif suspended:
+                what = (f"this machine was suspended for {own:.0f} s (its boot clock, which the"
+                        " store's clock follows between readings of the server's, counted it)")  # fmt: skip
             self._unheard(step, what)
         return now
 
