@@ -109,6 +109,7 @@ async def test_a_job_given_back_to_the_worker_that_holds_it_is_proved_under_its_
             assert rig.coordinator.answered[-1] == {job.Id: again.lease}
             assert worker.held[job.Id].job.Lease == again.lease
             assert worker.held[job.Id].stop_reason is None and worker.counters.stopped == 0
+            assert worker.counters.pulled == 2  # (given twice: the second gives the new lease)
             still = await rig.jobs.get(job.Id)
             assert still.State == "running" and still.lease == again.lease
             assert [e for e in rec.log if e[0] == "finished"] == []
