@@ -235,6 +235,32 @@ async def test_a_paused_workers_ping_reports_its_free_slots_paused_at_once(tmp_p
     assert paused == {"gpu-1"}  # the coordinator that took the ping shows it paused
 
 
+async def test_a_worker_paused_by_prover_failures_asks_for_no_job_while_paused(tmp_path):
+    # 3 proofs failed in a row: the worker takes no job for 30 s, so that other workers take
+    # them. Before, only a test stopped at the instant of the pause said so: dropping the pause
+    # from the allocation loop's wait failed none, the next job pulled at once.
+    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=Pinged)
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0, fail="always"))
+    worker = Worker(rig.settings(kids, ping_interval=0.05))
+    ids = [(await rig.jobs.create(job_input(seed=seed)))[0].Id for seed in range(5)]
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                running = await start_worker(nursery, worker)
+                await worker.wait_for(lambda: worker.counters.pauses == 1 and not worker.held)
+                # Its slot free, jobs ready: pinged 5 times more, 0.05 s apart, pulling none.
+                await rig.coordinator.pinged(len(rig.coordinator.pings) + 5)
+                pulled = worker.counters.pulled
+                await running.stop()
+                nursery.cancel_scope.cancel()
+        states = [(await rig.jobs.get(i)).State for i in ids]
+    finally:
+        rig.close()
+    assert pulled == 3  # the Breaker's limit, then none while paused
+    assert states.count("ready2run") == 2, states  # left for other workers
+
+
 def _date(date: float) -> AnswerClock:
     """The clock an answer with this Date (and no X-Dext-Clock) gives: the middle of its second."""
     return AnswerClock(date + 0.5, precise=False)
