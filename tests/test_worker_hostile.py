@@ -705,6 +705,26 @@ async def test_jobs_that_cannot_be_proved_are_each_failed_once_saying_why_and_th
     )
 
 
+async def test_a_worker_stopped_while_waiting_out_an_allocations_backoff_stops_at_once(tmp_path):
+    # Each allocation cut mid-answer: the worker waits out its backoff (600 s here) before it
+    # asks again. A stop ends that wait: before, dropping it failed no test, and a worker
+    # stopped during an outage of its manager would have stopped only at the backoff's end.
+    coordinator = HostileCoordinator({"Dext.AllocateJobs": lambda params, n: CUT})
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(coordinator.serve)
+            kids = children(tmp_path, ECHO)
+            backoff = {"retry_base": 600.0, "retry_cap": 600.0, "shutdown_grace": 0.1}
+            worker = Worker(worker_settings(coordinator.address, kids, **backoff))
+            running = await start_worker(nursery, worker)
+            # (the outage is said, the loop waiting out its backoff, before the next checkpoint)
+            await worker.wait_for(lambda: not worker.manager_reachable)
+            with trio.fail_after(10):  # (the grace is 0.1 s, and no job is held)
+                await running.stop()
+            nursery.cancel_scope.cancel()
+    assert allocations(coordinator) == 1
+
+
 #: Answers that are no result, for the first calls of a method (`times_bad`), then the right one.
 BAD_ANSWERS = {
     "json-rpc-error-500": Error(-32603, "internal error", status=500),
