@@ -204,6 +204,27 @@ async def test_a_heartbeat_taken_one_job_at_a_time_is_a_heartbeat_as_in_the_batc
     assert worker._beats_failing.down_since is None
 
 
+async def test_a_job_gone_from_the_manager_stops_its_proof_but_not_its_result_being_finished(
+    manager, tmp_path
+):
+    # Heartbeated alone, a job the manager no longer has: a proof running is cancelled, but a
+    # result being delivered goes on (damocles-manager takes a finish whatever the job's state).
+    # Before, stopping the finishing one too failed no test: the result, done, was dropped.
+    kept = manager.create(job_input())
+    kids = children(tmp_path, plugin_block("WdPost", "echo"))
+    worker = Worker(worker_settings(manager.url, kids), clock=lambda: 1234.0)
+    held = [HeldJob(PulledJob(Id=i, Input=EMPTY_INPUT), 0.0, state=state)
+            for i, state in ((kept, "proving"), ("gone-proving", "proving"),
+                             ("gone-finishing", "finishing"))]  # fmt: skip
+    worker.held = {h.job.Id: h for h in held}
+    with trio.fail_after(30):
+        async with RpcClient(worker.settings.endpoint, timeout=10) as beats:
+            await heartbeat_plain(worker, beats, held)
+    assert [h.stop_reason is not None for h in held] == [False, True, False]
+    assert [h.scope.cancel_called for h in held] == [False, True, False]
+    assert worker.counters.stopped_by == {"not_running": 1}
+
+
 async def test_a_job_reset_while_it_runs_is_taken_back_by_its_next_heartbeat_as_in_damocles(
     manager, tmp_path
 ):
