@@ -725,6 +725,22 @@ async def test_a_worker_stopped_while_waiting_out_an_allocations_backoff_stops_a
     assert allocations(coordinator) == 1
 
 
+async def test_an_allocation_answered_resets_the_backoff_of_the_next_outage(tmp_path):
+    # Six allocations cut mid-answer (waits of 0.05 s doubling to 1.6 s), one answered, one cut
+    # again: the next is asked after the base wait, 0.05 s, not after 3.2 s, the outage before
+    # it going on doubling. Before, dropping the reset failed no test.
+    asked_at: list[float] = []
+
+    def alloc(params: list, n: int) -> Any:
+        asked_at.append(trio.current_time())
+        return [] if n == 7 else CUT
+
+    settings = {"retry_base": 0.05, "retry_cap": 600.0, "idle_poll": 0.01}
+    async with against(tmp_path, {"Dext.AllocateJobs": alloc}, **settings) as (coordinator, _):
+        await coordinator.wait_for(lambda c: allocations(c) >= 9)
+    assert asked_at[8] - asked_at[7] < 1.0, asked_at  # (3.2 s without the reset)
+
+
 #: Answers that are no result, for the first calls of a method (`times_bad`), then the right one.
 BAD_ANSWERS = {
     "json-rpc-error-500": Error(-32603, "internal error", status=500),
