@@ -738,7 +738,7 @@ async def test_an_allocation_answered_resets_the_backoff_of_the_next_outage(tmp_
     settings = {"retry_base": 0.05, "retry_cap": 600.0, "idle_poll": 0.01}
     async with against(tmp_path, {"Dext.AllocateJobs": alloc}, **settings) as (coordinator, _):
         await coordinator.wait_for(lambda c: allocations(c) >= 9)
-    assert asked_at[8] - asked_at[7] < 1.0, asked_at  # (3.2 s without the reset)
+    assert asked_at[8] - asked_at[7] < 2.0, asked_at  # (3.2 s without the reset)
 
 
 #: Answers that are no result, for the first calls of a method (`times_bad`), then the right one.
