@@ -40,10 +40,6 @@ def log_retry(effect: Retry, children: Mapping[str, Child]) -> None:
     )
 
 
-def _not_a_faults_note(record: logging.LogRecord) -> bool:
-    return getattr(record, "faults", None) is None
-
-
 _faults_said_elsewhere = 0  # the front ends within faults_said_elsewhere()
 
 
@@ -53,21 +49,17 @@ def faults_said_elsewhere() -> Iterator[None]:
     that says them on a line of its own (a worker's job, prove's output) would have them said
     twice; the prover's own lines, with each sector's reason, still are."""
     global _faults_said_elsewhere
-    if not _faults_said_elsewhere:
-        log.addFilter(_not_a_faults_note)
     _faults_said_elsewhere += 1
     try:
         yield
     finally:
         _faults_said_elsewhere -= 1
-        if not _faults_said_elsewhere:
-            log.removeFilter(_not_a_faults_note)
 
 
 def log_note(effect: Note, children: Mapping[str, Child]) -> None:
     """The note's message, with the fields of the child it is about (its process: `pid`)."""
     level = logging.getLevelName(effect.level.upper())
-    if not log.isEnabledFor(level):
+    if not log.isEnabledFor(level) or (effect.faults is not None and _faults_said_elsewhere):
         return
     fields = _child_fields(effect.child, effect.pid, children)
     if effect.request_id is not None:
