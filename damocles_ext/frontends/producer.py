@@ -68,7 +68,6 @@ LATE_LOOK = 5.0
 #: (jobs/sqlite_file.py). The default of `serve --jobs --store-file-check`.
 FILE_CHECK_EVERY = 10.0
 
-#: The effects after which a job may be done: a producer's wait looks at it again.
 _PRODUCER_KEEPS_TO_IT = (
     "this producer keeps to the server's clock, as the coordinators do: the deadlines it gives"
     " (deadline_after, serve's --deadline-after, prove's --deadline SECONDS) are on it, so no"
@@ -76,6 +75,7 @@ _PRODUCER_KEEPS_TO_IT = (
     " `deadline`, prove's --deadline ISO-TIME) is read on the server's clock as it is"
 )
 
+#: The effects after which a job may be done: a producer's wait looks at it again.
 _MAY_BE_DONE = (rules.Finished, rules.JobCancelled, rules.TimedOut, rules.Removed)
 
 WINNING_REFUSED = (

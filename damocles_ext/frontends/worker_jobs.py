@@ -185,10 +185,11 @@ async def deliver(
         worker.touch()
         if held.job.Lease != job.Lease:
             continue  # given to us again while this call went: sent under the new lease
+        deadline = worker.deadline_of(job)  # (on the manager's clock as last heard)
         verdict, why = finish_verdict(
             failure,
             worker.now(),
-            not_after=worker.deadline_of(job),
+            not_after=deadline,
             allocated_at=held.allocated_at,
             lifetime=worker.settings.result_lifetime,
         )
@@ -203,7 +204,7 @@ async def deliver(
                            " %s", job.Id, what, attempts, why, maybe, reason)  # fmt: skip
             break
         # Never past shortly before the job's deadline: the try then is its last chance.
-        delay = finish_wait(backoff.next_delay(), worker.now(), worker.deadline_of(job))
+        delay = finish_wait(backoff.next_delay(), worker.now(), deadline)
         if attempts & (attempts - 1) == 0:  # attempts 1, 2, 4, 8...: seen, not a flood
             held.log.warning("job %s: result (%s) not delivered yet (attempt %d): %s;"
                              " trying again in %.1f s", job.Id, what, attempts, reason,

@@ -101,10 +101,7 @@ class JobMetrics:
             self.refusals.labels(event)
         if process_metrics:
             ProcessCollector(registry=r)
-        self.collector = _SummaryCollector(store, query_timeout, live_window, clock)
-        #: The workers that said they are paused (the coordinator's `paused_workers`): counted
-        #: among the live ones when given.
-        self.collector.paused_workers = paused_workers
+        self.collector = _SummaryCollector(store, query_timeout, live_window, clock, paused_workers)
         r.register(self.collector)
 
     def observe(self, effects: Iterable[rules.Effect]) -> None:
@@ -128,7 +125,8 @@ class _SummaryCollector:
     """The summary's gauges, read from the store at scrape time."""
 
     def __init__(self, store: JobStore, timeout: float, live_window: float,
-                 clock: Callable[[], float]) -> None:  # fmt: skip
+                 clock: Callable[[], float],
+                 paused_workers: PausedWorkers | None = None) -> None:  # fmt: skip
         self._store = store
         self._timeout = timeout
         self._live_window = live_window
@@ -136,7 +134,9 @@ class _SummaryCollector:
         self._lock = threading.Lock()
         self._pending: threading.Thread | None = None
         self._was_up = True
-        self.paused_workers: PausedWorkers | None = None
+        #: The workers that said they are paused (the coordinator's `paused_workers`): counted
+        #: among the live ones when given.
+        self.paused_workers = paused_workers
 
     def describe(self) -> list[Any]:
         # Without describe(), register() would call collect() at once: a query at start.

@@ -76,7 +76,7 @@ class PausedWorkers:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._lock = threading.Lock()
-        self._paused: dict[str, float] = {}  # name -> wall time of its last ping (paused)
+        self._paused: dict[str, float] = {}  # name -> its last ping (paused), on `clock`
 
     def heard(self, name: str, info: Any) -> None:
         """Worker `name` pinged with `info`: said when it begins or ends a pause. A name no
@@ -87,7 +87,7 @@ class PausedWorkers:
         now = self._clock()
         with self._lock:
             at = self._paused.pop(name, None)  # (one not heard from for long: a new pause)
-            was = at is not None and now - KEEP <= at <= now + KEEP
+            was = at is not None and _within(at, now, KEEP)
             if paused:
                 self._forget(now)
                 self._paused[name] = now
@@ -104,7 +104,7 @@ class PausedWorkers:
         """Forget the ones not heard in KEEP (gone, or pinging another coordinator), and the
         oldest past MAX_PAUSED (under the lock)."""
         for name, at in list(self._paused.items()):
-            if not now - KEEP <= at <= now + KEEP:
+            if not _within(at, now, KEEP):
                 del self._paused[name]
         while len(self._paused) >= MAX_PAUSED:
             del self._paused[min(self._paused, key=self._paused.__getitem__)]
@@ -112,4 +112,9 @@ class PausedWorkers:
     def names(self, now: float, window: float = DEFAULT_LIVE_WINDOW) -> set[str]:
         """The workers whose last ping, within `window` seconds of `now`, said Paused > 0."""
         with self._lock:
-            return {n for n, at in self._paused.items() if now - window <= at <= now + window}
+            return {n for n, at in self._paused.items() if _within(at, now, window)}
+
+
+def _within(at: float, now: float, span: float) -> bool:
+    """Whether `at` is within `span` seconds of `now`, either way (a clock may step back)."""
+    return now - span <= at <= now + span

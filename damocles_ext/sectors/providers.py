@@ -44,6 +44,7 @@ from ..jobs.endpoint import Endpoint, parse_endpoint
 from ..jobs.model import SectorAccessStores, Text
 from ..jobs.paths import StoreMap
 from ..threads import NoThreadError
+from ..wording import some_and_more
 from .files import DEFAULT_THREADS, in_thread, look_at, path_problem
 from .model import (
     BrokenLocation,
@@ -81,6 +82,9 @@ Found = SectorLocation | BrokenLocation | None
 #: What of the source's own error a lookup's reason shows: it is in every sector's answer and
 #: log line, and an answer may be 64 KiB (a chain of proxies' reasons take a few hundred).
 MAX_SHOWN = 1000
+
+#: A sector's two parts, as a store holds them: its sealed file and its cache directory.
+_KINDS = ("sealed", "cache")
 
 
 def _shown(text: str) -> str:
@@ -285,11 +289,10 @@ class StoreScan:
         taken); else what is wrong. A store's cache directory is looked at as soon as its
         sealed file is found (a sector whole in the k-th store costs k + 1 looks), the others'
         only when no store holds it whole, up to the first one to take."""
-        kinds = ("sealed", "cache")
-        paths = {kind: self.candidates(sector, kind) for kind in kinds}
+        paths = {kind: self.candidates(sector, kind) for kind in _KINDS}
         # (why not, something there) of each kind in each store, as it is looked at
         looks: dict[str, list[tuple[str, bool] | None]] = {
-            kind: [None] * len(paths[kind]) for kind in kinds
+            kind: [None] * len(paths[kind]) for kind in _KINDS
         }
 
         def look(kind: str, i: int) -> tuple[str, bool]:
@@ -303,7 +306,7 @@ class StoreScan:
 
         def leftover(i: int) -> bool:
             """Something of the sector's of the wrong type in store `i`."""
-            return any(why and there for why, there in (look(kind, i) for kind in kinds))
+            return any(why and there for why, there in (look(kind, i) for kind in _KINDS))
 
         stores = range(len(paths["sealed"]))
         for i in stores:
@@ -331,18 +334,18 @@ class StoreScan:
                 for why, there in [look(kind, i)]
                 if why and there
             ]
-            for kind in kinds
+            for kind in _KINDS
         }
-        parts = {kind: next((i for i in stores if whole(kind, i)), None) for kind in kinds}
+        parts = {kind: next((i for i in stores if whole(kind, i)), None) for kind in _KINDS}
         if parts == {"sealed": None, "cache": None} and not any(wrong.values()):
             return None
         if None not in parts.values():
             # Each part whole somewhere, but one only beside a leftover: said of the first store
             # with a leftover and a part whole (what is wrong there is what to put right).
-            at = next(i for i in stores if leftover(i) and any(whole(k, i) for k in kinds))
+            at = next(i for i in stores if leftover(i) and any(whole(k, i) for k in _KINDS))
             store = paths["sealed"][at][0]
-            parts = {kind: at if whole(kind, at) else None for kind in kinds}
-            wrong = {kind: [w for w in wrong[kind] if w[0] == store] for kind in kinds}
+            parts = {kind: at if whole(kind, at) else None for kind in _KINDS}
+            wrong = {kind: [w for w in wrong[kind] if w[0] == store] for kind in _KINDS}
         return self._broken(
             sector,
             {kind: None if i is None else paths[kind][i] for kind, i in parts.items()},
@@ -358,13 +361,12 @@ class StoreScan:
         """Blocking: what is wrong with a sector found in part (`parts`: the (store, path) of
         its sealed file and cache directory, None for one not found; `wrong`: by kind, each
         (store, path, why) where something else is)."""
-        kinds = ("sealed", "cache")
         there = [part[0] for part in parts.values() if part is not None]
-        anchor = (there or [w[0] for kind in kinds for w in wrong[kind]])[0]
+        anchor = (there or [w[0] for kind in _KINDS for w in wrong[kind]])[0]
         others = len(self.stores.stores) - 1
         where: dict[str, tuple[str, str]] = {}
         problems = []
-        for kind in kinds:
+        for kind in _KINDS:
             part = parts[kind]
             if part is not None:
                 where[kind] = part
@@ -407,8 +409,6 @@ class StoreScan:
 
 def _other_stores(stores: Mapping[str, str], but: str) -> str:
     """'store b', 'stores b, c', 'stores b, c, d and 5 more': the stores other than `but`."""
-    from ..wording import some_and_more
-
     others = [name for name in stores if name != but]
     shown = some_and_more(others[:3], len(others))
     return f"store {shown}" if len(others) == 1 else f"stores {shown}"
