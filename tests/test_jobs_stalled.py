@@ -141,6 +141,12 @@ async def test_a_heartbeat_that_waited_through_a_stall_costs_its_job_no_try(prox
         await trio.to_thread.run_sync(store.close)
 
 
+async def jumped(mock_clock, seconds: float) -> None:
+    """Move the mock clock `seconds` on, and let every task act on it until all wait again."""
+    mock_clock.jump(seconds)
+    await trio.testing.wait_all_tasks_blocked()
+
+
 def stall_lines(caplog) -> list[str]:
     """The coordinator's lines about its store's stalls, in order."""
     return [
@@ -183,19 +189,15 @@ async def test_a_store_call_that_stalls_is_warned_within_seconds_naming_the_stor
 
                 nursery.start_soon(heartbeat)
                 await proxy.holding()
-                mock_clock.jump(4)
-                await trio.testing.wait_all_tasks_blocked()
+                await jumped(mock_clock, 4)
                 assert stall_lines(caplog) == []  # (4 s: not yet)
-                mock_clock.jump(2)
-                await trio.testing.wait_all_tasks_blocked()
+                await jumped(mock_clock, 2)
                 [warning] = stall_lines(caplog)
-                mock_clock.jump(30)  # once per stall
-                await trio.testing.wait_all_tasks_blocked()
+                await jumped(mock_clock, 30)  # once per stall
                 assert stall_lines(caplog) == [warning]
                 proxy.resume()
                 await answered.wait()
-                mock_clock.jump(1)
-                await trio.testing.wait_all_tasks_blocked()
+                await jumped(mock_clock, 1)
                 nursery.cancel_scope.cancel()
     finally:
         proxy.resume()
@@ -237,13 +239,11 @@ async def test_a_sweep_that_waits_on_a_stalled_store_is_warned_once_per_stall(
                     swept[0] = trio.Event()
                     mock_clock.jump(10)  # the next pass, stuck
                     await proxy.holding()
-                    mock_clock.jump(6)
-                    await trio.testing.wait_all_tasks_blocked()
+                    await jumped(mock_clock, 6)
                     assert len(stall_lines(caplog)) == 2 * stall + 1, stall_lines(caplog)
                     proxy.resume()
                     await swept[0].wait()
-                    mock_clock.jump(1)
-                    await trio.testing.wait_all_tasks_blocked()
+                    await jumped(mock_clock, 1)
                 nursery.cancel_scope.cancel()
     finally:
         proxy.resume()

@@ -11,6 +11,7 @@ import contextlib
 import os
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,25 @@ async def until_finished(url: str, job_id: str) -> JobRecord:
     raise AssertionError(f"job {job_id} not finished within {WAIT:g} s")
 
 
+@contextlib.asynccontextmanager
+async def running(coord: CoordinatorProcess, worker: WorkerProcess) -> AsyncIterator[LogWatcher]:
+    """The coordinator and then the worker started, the worker's log given; both stopped after,
+    and what they said added to a failure."""
+    try:
+        with trio.fail_after(WAIT):
+            async with trio.open_nursery() as nursery:
+                await coord.start(nursery)
+                yield await worker.start(nursery, coord.port)
+                nursery.cancel_scope.cancel()
+    except BaseException as exc:
+        exc.add_note(f"the worker said:\n{worker.log.text() if worker.log else ''}")
+        exc.add_note(f"the coordinator said:\n{coord.stderr.decode(errors='replace')[-4000:]}")
+        raise
+    finally:
+        worker.stop()
+        coord.stop()
+
+
 @pytest.mark.slow
 async def test_a_worker_whose_clock_is_a_minute_ahead_proves_a_job_due_in_40_s(tmp_path):
     # The worker read the job's NotAfter on its own clock, 60 s ahead: 20 s past, it was not
@@ -158,21 +178,9 @@ async def test_a_worker_whose_clock_is_a_minute_ahead_proves_a_job_due_in_40_s(t
     config = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=0.5))
     coord = coordinator(tmp_path, "3s")
     worker = WorkerProcess(60.0, config, "--heartbeat-interval", "0.5s")
-    try:
-        with trio.fail_after(WAIT):
-            async with trio.open_nursery() as nursery:
-                await coord.start(nursery)
-                log = await worker.start(nursery, coord.port)
-                job_id = create_job(coord.url, due_in=40)
-                job = await until_finished(coord.url, job_id)
-                nursery.cancel_scope.cancel()
-    except BaseException as exc:
-        exc.add_note(f"the worker said:\n{worker.log.text() if worker.log else ''}")
-        exc.add_note(f"the coordinator said:\n{coord.stderr.decode(errors='replace')[-4000:]}")
-        raise
-    finally:
-        worker.stop()
-        coord.stop()
+    async with running(coord, worker) as log:
+        job_id = create_job(coord.url, due_in=40)
+        job = await until_finished(coord.url, job_id)
     assert (job.ErrorReason, job.TryNum, job.cancelled_at) == ("", 1, 0), log.text()
     assert job.Output is not None and job.Output.proofs, job
     assert f"job {job_id}: delivered 1 proofs" in log.text()
@@ -190,24 +198,12 @@ async def test_a_worker_whose_clock_is_a_minute_behind_cuts_the_proof_at_the_man
     config = write_config(tmp_path, plugin_block("WdPost", "sleep", seconds=50))
     coord = coordinator(tmp_path, "90s")
     worker = WorkerProcess(-60.0, config, "--heartbeat-interval", "30s")
-    try:
-        with trio.fail_after(WAIT):
-            async with trio.open_nursery() as nursery:
-                await coord.start(nursery)
-                log = await worker.start(nursery, coord.port)
-                job_id = create_job(coord.url, due_in=6)
-                await log.wait_for(f"job {job_id}: pulled")
-                with trio.move_on_after(20):  # the deadline, with room; far before a heartbeat
-                    await log.wait_for(f"job {job_id}: no proof before its deadline")
-                job = await until_finished(coord.url, job_id)
-                nursery.cancel_scope.cancel()
-    except BaseException as exc:
-        exc.add_note(f"the worker said:\n{worker.log.text() if worker.log else ''}")
-        exc.add_note(f"the coordinator said:\n{coord.stderr.decode(errors='replace')[-4000:]}")
-        raise
-    finally:
-        worker.stop()
-        coord.stop()
+    async with running(coord, worker) as log:
+        job_id = create_job(coord.url, due_in=6)
+        await log.wait_for(f"job {job_id}: pulled")
+        with trio.move_on_after(20):  # the deadline, with room; far before a heartbeat
+            await log.wait_for(f"job {job_id}: no proof before its deadline")
+        job = await until_finished(coord.url, job_id)
     said = log.text()
     assert f"job {job_id}: no proof before its deadline" in said, said
     assert "took it back" not in said, said  # (by a heartbeat's answer)
