@@ -29,6 +29,7 @@ from ..config import child_env, describe_argv
 from ..logs import report_bad_output
 from .connection import ChildConnection, ChildProtocolError, Ready, preview
 from .observers import child_info, exit_status
+from .pipe_turns import PipeTurn, off_the_pipe, wake_reader
 from .process import ChildProcess, SpawnError, prepare_spawn, spawn
 from .reaper import REAP_TIMEOUT
 from .restart import GiveUp, RestartTracker
@@ -138,6 +139,7 @@ class Process:
         self.stdin_fd = proc.stdin.fileno()
         self.tree_mark: str | None = None  # its OrphanAdopter mark
         self.queued_writes = 0  # chunks handed to the writer task and not yet written
+        self.turn = PipeTurn()  # the reader's or a caller's (pipe_turns)
 
     def interrupt(self) -> None:
         """Make the child task look at this process now (it went down, or we stop)."""
@@ -148,12 +150,11 @@ class Process:
 async def read(host: ChildHost, child: Child, p: Process) -> None:
     """Read `p`'s stdout and act on it, as its reader task, until EOF or a protocol error.
 
-    This task alone reads the pipe and stays in wait_readable between answers: nothing moves it
-    out per request (a second reader, a cancel scope per read), so an answer costs one wakeup
-    of this task and one of its caller. Plain os.read on the non-blocking pipe: FdStream's
-    receive_some yields to the scheduler after every successful read, which would put a whole
-    loop iteration on each answer's path; a read shorter than asked emptied the pipe, so the
-    next one waits for the pipe first instead of failing with EAGAIN.
+    It stays in wait_readable while anything is in flight; with nothing in flight it leaves
+    the pipe a while, for a caller to read its own answer (pipe_turns). Plain os.read on the
+    non-blocking pipe: FdStream's receive_some yields after every successful read (a whole
+    loop iteration more per answer); a read shorter than asked emptied the pipe, so the next
+    one waits for the pipe first instead of failing with EAGAIN.
     """
     fd = p.proc.stdout.fileno()
     unyielded = 0
@@ -162,6 +163,10 @@ async def read(host: ChildHost, child: Child, p: Process) -> None:
         while not p.read_ended:
             if wait:
                 unyielded = 0
+                if p.down_reason is None and not host.book.in_flight(child.name):
+                    await off_the_pipe(p)  # a caller may read its own answer (pipe_turns)
+                    if p.read_ended:
+                        break
                 try:
                     await trio.lowlevel.wait_readable(fd)
                 except trio.ClosedResourceError:
@@ -178,7 +183,7 @@ async def read(host: ChildHost, child: Child, p: Process) -> None:
                 data = b""
             unyielded += 1
             wait = 0 < len(data) < _READ_SIZE
-            _on_data(host, child, p, data)
+            on_data(host, child, p, data)
     finally:
         assert p.reader_done is not None
         p.reader_done.set()
@@ -221,6 +226,7 @@ def mark_down(
     first = p.down_reason is None
     if first:
         p.down_reason = reason
+        wake_reader(p)  # what it wrote last is read at once (pipe_turns)
     if child.p is p:
         if child.state in (ChildState.READY, ChildState.STARTING):
             child.change_state(ChildState.STOPPING)
@@ -485,7 +491,7 @@ async def _handshake(host: ChildHost, child: Child, p: Process) -> bool:
     return True
 
 
-def _on_data(host: ChildHost, child: Child, p: Process, data: bytes) -> None:
+def on_data(host: ChildHost, child: Child, p: Process, data: bytes) -> None:
     """Act on what the child wrote (b"" at EOF); sets p.read_ended when reading must stop."""
     broke: ChildProtocolError | None = None
     try:

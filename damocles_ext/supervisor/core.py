@@ -76,6 +76,7 @@ from .effect_log import log_note, log_retry
 from .host import SupervisorHost
 from .observers import Observers, request_info
 from .orphans import GroupGuardian
+from .pipe_turns import claim, read_own, wake_reader
 from .readiness import check_wait_arguments, enough_ready, no_run, run_begun, run_going
 from .reaper import Reaper
 from .request import Batch, Started, Waiter, WallClock
@@ -155,6 +156,7 @@ class Supervisor:
         self._waiters: dict[int, Waiter] = {}  # callers waiting, by request id
         self._applying = 0  # _apply calls under way (they nest)
         self._pending: dict[str, tuple[Child, Process, list[bytes | bytearray]]] = {}  # _write
+        self._claiming = 0  # the request _begin books whose caller may read its pipe (claim)
         self._wake = trio.Event()  # the driver looks at the book's next_wakeup again
         self._armed = math.inf  # when the driver wakes up next
         # trio.current_time, or the run's clock read directly once run() began (calls fewer).
@@ -285,9 +287,12 @@ class Supervisor:
             if not run_going(self, "Supervisor.submit()"):
                 await run_begun(self, "Supervisor.submit()")
             await trio.lowlevel.checkpoint_if_cancelled()
-            waiter = self._begin(task, *how, None, False, None, encoded)
+            waiter = self._begin(task, *how, None, False, None, encoded, claim=True)
             try:
-                await waiter.wait()
+                if (turn := claim(self._children, waiter)) is not None:  # (pipe_turns)
+                    await read_own(self._host, *turn, waiter, child_loop.on_data)
+                if not waiter.tracked.done:
+                    await waiter.wait()
             finally:
                 if not waiter.tracked.done:  # the caller went away (cancelled): _abandon
                     self._abandon(waiter)
@@ -347,8 +352,11 @@ class Supervisor:
         in_flight: bool,
         avoid: frozenset[str] | None,
         encoded: bytes | None = None,
+        claim: bool = False,
     ) -> Waiter:
-        """Book a new request and dispatch what follows; its waiter (it may be answered)."""
+        """Book a new request and dispatch what follows; its waiter (it may be answered).
+        `claim`: its caller may read its child's pipe itself (pipe_turns.claim): its dispatch
+        does not wake the reader of that child."""
         rid = next(self._rids)
         if (problem := request_problem(task, deadline, priority)) is not None:
             raise numbered(UsageError(f"request {rid} {problem}"), rid)
@@ -359,6 +367,7 @@ class Supervisor:
         now = self._now()
         deadline_t = None if deadline is None else self._wall.on_clock(deadline, now)
         out: list[Effect] = []
+        self._claiming = rid if claim else 0
         try:
             tracked, _ = self._book.submit(
                 rid,
@@ -375,6 +384,7 @@ class Supervisor:
             waiter = self._waiters[rid] = Waiter(tracked, on_progress, on_dispatch, on_done=on_done)
         finally:  # even after a bug of ours: what the book answered reaches its callers
             self._apply(out)
+            self._claiming = 0
         return waiter
 
     async def wait_ready(self, stage: str | None = None, count: int = 1) -> None:
@@ -530,6 +540,8 @@ class Supervisor:
             self._tell(self._book.unsendable, child.name, effect.child_rid, now, data)
             return
         self._write(child, p, data)
+        if p.turn.off and req.rid != self._claiming:
+            wake_reader(p)  # its reader is off the pipe and no caller reads this (pipe_turns)
         waiter = self._waiters.get(req.rid)
         if waiter is not None and waiter.on_dispatch is not None:
             waiter.dispatched(child.name)

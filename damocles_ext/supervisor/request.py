@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import trio
+
 from ..errors import ProverError
 from ..parked import Parked
 from ..protocol import dext
@@ -61,6 +63,8 @@ class Waiter(Parked):
     error: ProverError | None = None
     #: Called once with (output, error) instead of waking a task (`Supervisor.start_nowait`).
     on_done: Callable[[Output | None, ProverError | None], None] | None = None
+    #: The child's stdout its caller waits on itself, while it does (pipe_turns.read_own).
+    reading_fd: int | None = None
 
     @property
     def rid(self) -> int:
@@ -83,6 +87,9 @@ class Waiter(Parked):
         on_done = self.on_done
         if on_done is not None and self.waited_on:  # (a task waits: woken instead)
             on_done = None
+        if (fd := self.reading_fd) is not None:  # answered elsewhere while it reads its pipe
+            self.reading_fd = None
+            trio.lowlevel.notify_closing(fd)  # wakes it (pipe_turns)
         self.set()
         if on_done is not None:
             try:

@@ -140,7 +140,7 @@ def answer(msg):  # one proof, "<miner_id> <pid>" (see who())
     proof = b"%d %d" % (msg.task.miner_id, os.getpid())
     send(dext.Response(msg.id, output=WindowPoStOutput([proof], [])))
 {setup}
-send(dext.Hello("dext/1", {stage!r}, os.getpid(), "fake", "1", 1))
+send(dext.Hello("dext/1", {stage!r}, os.getpid(), "fake", "1", {capacity}))
 dec = dext.FrameDecoder()
 while True:
     data = os.read(0, 65536)
@@ -157,11 +157,16 @@ while True:
 
 
 def dext_child(
-    handle: str = "answer(msg)", setup: str = "", stage: str = "window_post", cancel: str = "pass"
+    handle: str = "answer(msg)",
+    setup: str = "",
+    stage: str = "window_post",
+    cancel: str = "pass",
+    capacity: int = 1,
 ) -> list[str]:
     """argv of a fake dext/1 child; `handle` is code run per Request (`msg`), `cancel` per
-    Cancel (`msg`)."""
-    return _fake_child(DEXT_CHILD, handle, setup, stage, indent=12, cancel=cancel)
+    Cancel (`msg`); `capacity`: requests at once, as its Hello says."""
+    code = DEXT_CHILD.replace("{capacity}", str(capacity))
+    return _fake_child(code, handle, setup, stage, indent=12, cancel=cancel)
 
 
 def _fake_child(

@@ -1,0 +1,149 @@
+"""Whose turn it is to read a child's stdout: its reader task, or a caller reading its answer.
+
+A caller of `Supervisor.submit` waiting on its child's pipe itself costs trio one task step and
+one wait for I/O per answer; the reader task reading the answer and waking the caller costs two
+of each (bench_supervisor: `TrioDirect` against `TrioDispatcher`, and the API one at a time).
+But trio lets one task at a time wait on a descriptor, and moving the reader off it per request
+(`notify_closing`) costs more than it saves. So the reader task leaves the pipe of its own
+accord when nothing is in flight on its child, for `LINGER` after the last answer at most:
+
+* A request `submit` sends to a child whose reader is off the pipe, with no caller on it, is
+  *claimed*: its caller reads the pipe in its own task (`read_own`) until it is answered, acting
+  on whatever the child wrote (other requests' answers, progress) as the reader would. It then
+  hands the pipe back (`release`): the reader takes it at once if anything is still in flight
+  on the child, or the child is going down; else at `LINGER` after the last release, unless a
+  caller took it again by then (callers one after the other keep the reader off the pipe).
+* Anything else sent to such a child (a front end's request, a retry, a second caller's request
+  while one reads) wakes the reader (`wake_reader`), as does the child going down: whatever is
+  in flight is read by someone at once, and an idle child's pipe is watched again within
+  `LINGER` (its exit is watched apart, `child_loop._watch_exit`).
+* A caller whose request is answered by something else (a timeout, its child lost, a retry
+  answered on another child, shutdown) while it waits on the pipe is woken by `notify_closing`
+  (`Waiter.answer`): rare, and it stops reading then.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..parked import Parked
+from .process import ChildProcess
+
+if TYPE_CHECKING:
+    from .child_loop import Child, ChildHost, Process
+    from .request import Waiter
+
+#: How long after the last answer the reader task stays off an idle child's pipe (seconds):
+#: what a child writes unasked while idle is read that much later at most.
+LINGER = 0.01
+_READ_SIZE = ChildProcess.READ_SIZE
+_READS_IN_A_ROW = 16  # then a wait (a checkpoint): a child that floods us starves no one
+
+
+class PipeTurn:
+    """A process's stdout: whether its reader is off it, and whether a caller reads it."""
+
+    __slots__ = ("caller", "linger", "off", "released_at", "wake")
+
+    def __init__(self) -> None:
+        self.off = False  # the reader task is off the pipe (in `off_the_pipe`)
+        self.caller = False  # a caller reads it (`read_own`)
+        self.wake: Parked | None = None  # the reader's, while off: set, it takes the pipe
+        self.linger: trio.CancelScope | None = None  # its wait while off, till LINGER is up
+        self.released_at = 0.0  # when the last caller handed it back (trio's clock)
+
+
+def claim(children: Mapping[str, Child], waiter: Waiter) -> tuple[Child, Process] | None:
+    """The child and process whose pipe the caller of `waiter`, its request just sent, reads
+    itself; None: it waits to be woken (its request is queued or answered, or the child's
+    reader is on the pipe, or a caller reads it: the reader is woken, if off it)."""
+    req = waiter.tracked
+    if req.current is None or req.child is None:
+        return None
+    child = children[req.child]
+    p = child.p
+    if p is None:
+        return None
+    turn = p.turn
+    if not turn.off or turn.caller or p.down_reason is not None:  # (at EOF, it is down)
+        wake_reader(p)  # (sent unclaimed: the reader reads it)
+        return None
+    return child, p
+
+
+def wake_reader(p: Process) -> None:
+    """Something is in flight on `p` (or it goes down) that no caller reads: its reader takes
+    the pipe (if it is off it; a caller reading it hands it back, see `release`)."""
+    turn = p.turn
+    if turn.wake is not None and not turn.caller:
+        turn.wake.set()
+
+
+async def off_the_pipe(p: Process) -> None:
+    """The reader task, nothing in flight: off the pipe until woken or LINGER after the last
+    release (returns: it takes the pipe again)."""
+    turn = p.turn
+    turn.off = True
+    turn.released_at = trio.current_time()
+    try:
+        while True:
+            turn.wake = wake = Parked()
+            deadline = math.inf if turn.caller else turn.released_at + LINGER
+            with trio.CancelScope(deadline=deadline) as turn.linger:
+                await wake.wait()
+            if turn.caller:  # taken before this task ran: its release wakes or times it
+                continue
+            if wake.is_set or p.read_ended or p.down_reason is not None:
+                return
+            if trio.current_time() >= turn.released_at + LINGER:
+                return
+    finally:
+        turn.off = False
+        turn.wake = turn.linger = None
+
+
+async def read_own(host: ChildHost, child: Child, p: Process, waiter: Waiter, on_data: Any) -> None:
+    """A caller whose request `p` runs reads `p`'s pipe (`on_data` on what it reads) until its
+    request is answered, the pipe ended, or it was woken by an answer given elsewhere."""
+    fd = p.proc.stdout.fileno()
+    p.turn.caller = True
+    try:
+        while not waiter.tracked.done and not p.read_ended:
+            waiter.reading_fd = fd
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            except trio.ClosedResourceError:
+                return  # answered elsewhere, or the pipe is being closed: no more reading here
+            finally:
+                waiter.reading_fd = None
+            for _ in range(_READS_IN_A_ROW):
+                try:
+                    data = os.read(fd, _READ_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError:
+                    data = b""
+                on_data(host, child, p, data)
+                if 0 < len(data) < _READ_SIZE or p.read_ended:
+                    break
+    finally:
+        release(host, child, p)
+
+
+def release(host: ChildHost, child: Child, p: Process) -> None:
+    """The caller hands `p`'s pipe back to its reader (see the module's docstring)."""
+    turn = p.turn
+    turn.caller = False
+    if turn.wake is None:
+        return
+    if p.read_ended or p.down_reason is not None or host.book.in_flight(child.name):
+        turn.wake.set()
+        return
+    turn.released_at = now = trio.current_time()
+    if turn.linger is not None and turn.linger.deadline == math.inf:
+        turn.linger.deadline = now + LINGER

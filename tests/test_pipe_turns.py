@@ -1,0 +1,229 @@
+"""A caller reads its own answer from its child's pipe while the reader task is off it.
+
+Real child processes; the clock is a MockClock that stands still unless a test jumps it, so the
+reader task, off an idle child's pipe for LINGER, never takes it back on its own here: an answer
+that needs it comes only if something woke it. A trio instrument counts the reader's steps.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import trio
+from helpers.supervisor import child_stats, dext_child, spec, wait_until_real, who, window_task
+
+from damocles_ext.api import open_supervisor
+from damocles_ext.errors import ProverError
+from damocles_ext.supervisor.pipe_turns import LINGER
+
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+HELD = 7  # the fake child holds a request of this miner until SIGUSR1 or its Cancel
+
+
+def fake_child(late_cancels: bool = False, capacity: int = 1) -> list[str]:
+    """A dext child answering at once but for miner HELD; a Cancel of a held request is
+    answered at once, or (`late_cancels`) with the held ones, on SIGUSR1."""
+    return dext_child(
+        """
+        if msg.task.miner_id == HELD:
+            held.append(msg)
+        else:
+            answer(msg)
+        """,
+        setup=f"""
+        import signal
+        HELD, LATE_CANCELS = {HELD}, {late_cancels}
+        held, cancelled = [], []
+        def answer_held(*_):
+            while held:
+                answer(held.pop())
+            for m in cancelled:
+                send(dext.Response(m.id, error="cancelled as asked"))
+            cancelled.clear()
+        signal.signal(signal.SIGUSR1, answer_held)
+        """,
+        cancel="""
+        for m in [m for m in held if m.id == msg.id]:
+            held.remove(m)
+            if LATE_CANCELS:
+                cancelled.append(m)
+            else:
+                send(dext.Response(m.id, error="cancelled as asked"))
+        """,
+        capacity=capacity,
+    )
+
+
+CHILD = fake_child()
+
+
+class ReaderSteps(trio.abc.Instrument):
+    """How many steps the children's reader tasks took."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("child_loop.read"):
+            self.steps += 1
+
+
+def process(sup):
+    (child,) = sup._children.values()
+    return child.p
+
+
+async def warmed(sup) -> None:
+    """Ready, one request answered: its reader is off the pipe (nothing in flight)."""
+    await sup.wait_ready("window_post", 1)
+    assert who(await sup.submit(window_task(miner=1)))[0] == 1
+    await wait_until_real(lambda: process(sup).turn.off, what="the reader off the pipe")
+
+
+async def held_by_a_caller(sup, nursery, results: dict) -> None:
+    """A caller submits a request the child holds, and reads the pipe for it."""
+
+    async def caller() -> None:
+        try:
+            results[HELD] = await sup.submit(window_task(miner=HELD))
+        except ProverError as exc:
+            results[HELD] = exc
+
+    nursery.start_soon(caller)
+    await wait_until_real(lambda: process(sup).turn.caller, what="the caller on the pipe")
+
+
+async def test_callers_one_after_another_read_their_own_answers_the_reader_takes_no_step(
+    mock_clock,
+):
+    async with open_supervisor([spec(CHILD)]) as sup:
+        await warmed(sup)
+        steps = ReaderSteps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for miner in range(10, 40):
+                assert who(await sup.submit(window_task(miner=miner)))[0] == miner
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert steps.steps == 0
+        assert process(sup).turn.off and not process(sup).turn.caller
+        assert (child_stats(sup).done, child_stats(sup).in_flight) == (31, 0)
+
+
+async def test_a_front_end_request_wakes_the_reader_off_the_pipe(mock_clock):
+    answers: list = []
+    async with open_supervisor([spec(CHILD)]) as sup:
+        await warmed(sup)
+        sup.start_nowait(window_task(miner=5), on_done=lambda out, err: answers.append((out, err)))
+        await wait_until_real(lambda: answers, what="the answer, read by the woken reader")
+        assert who(answers[0][0])[0] == 5 and answers[0][1] is None
+
+
+async def test_a_caller_answered_elsewhere_while_it_reads_is_woken_and_the_reader_takes_over(
+    mock_clock,
+):
+    results: dict = {}
+    child = spec(fake_child(late_cancels=True), request_timeout=5.0, max_attempts=1)
+    async with open_supervisor([child]) as sup:
+        await warmed(sup)
+        p = process(sup)
+        async with trio.open_nursery() as nursery:
+            await held_by_a_caller(sup, nursery, results)
+            mock_clock.jump(6)  # its timeout: answered by the driver; the child says nothing
+            await wait_until_real(lambda: HELD in results, what="the timed-out caller woken")
+        assert isinstance(results[HELD], ProverError)
+        assert "timed out after 5s" in str(results[HELD]), results[HELD]
+        assert not p.turn.caller and child_stats(sup).in_flight == 1  # its Cancel: unanswered
+        await wait_until_real(lambda: not p.turn.off, what="the reader back on the pipe")
+        os.kill(p.proc.pid, signal.SIGUSR1)  # the Cancel answered: read by the reader
+        await wait_until_real(lambda: child_stats(sup).in_flight == 0, what="the Cancel answered")
+        assert who(await sup.submit(window_task(miner=3)))[0] == 3
+
+
+async def test_a_caller_done_with_the_pipe_leaves_it_to_the_reader_after_linger(mock_clock):
+    results: dict = {}
+    async with open_supervisor([spec(CHILD)]) as sup:
+        await warmed(sup)
+        p = process(sup)
+        async with trio.open_nursery() as nursery:
+            await held_by_a_caller(sup, nursery, results)
+            mock_clock.jump(2 * LINGER)  # the reader's linger ends while a caller reads: off still
+            await trio.testing.wait_all_tasks_blocked()
+            assert p.turn.off and p.turn.caller
+            os.kill(p.proc.pid, signal.SIGUSR1)  # the held request answered, read by its caller
+            await wait_until_real(lambda: HELD in results, what="the held request answered")
+        assert who(results[HELD])[0] == HELD
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.turn.off and not p.turn.caller  # nothing in flight: off for LINGER from now
+        mock_clock.jump(LINGER)
+        await wait_until_real(lambda: not p.turn.off, what="the reader back on the pipe")
+
+
+async def test_a_cancelled_caller_hands_the_pipe_back_to_the_reader(mock_clock):
+    results: dict = {}
+    async with open_supervisor([spec(CHILD)]) as sup:
+        await warmed(sup)
+        async with trio.open_nursery() as nursery:
+            await held_by_a_caller(sup, nursery, results)
+            nursery.cancel_scope.cancel()
+        assert results == {}
+        await wait_until_real(lambda: child_stats(sup).in_flight == 0, what="the Cancel answered")
+        assert child_stats(sup).done == 1  # (an abandoned attempt counts as neither)
+        assert who(await sup.submit(window_task(miner=3)))[0] == 3
+
+
+async def test_a_caller_reading_the_pipe_reads_the_answers_of_others_waiting(mock_clock):
+    results: dict = {}
+    async with open_supervisor([spec(fake_child(capacity=2), concurrent=2)]) as sup:
+        await warmed(sup)
+        steps = ReaderSteps()
+        async with trio.open_nursery() as nursery:
+            await held_by_a_caller(sup, nursery, results)
+            trio.lowlevel.add_instrument(steps)
+            try:
+                # Sent while a caller reads: this one waits to be woken, by that caller.
+                assert who(await sup.submit(window_task(miner=8)))[0] == 8
+            finally:
+                trio.lowlevel.remove_instrument(steps)
+            assert steps.steps == 0 and process(sup).turn.caller
+            nursery.cancel_scope.cancel()
+        await wait_until_real(lambda: child_stats(sup).in_flight == 0, what="the Cancel answered")
+        assert who(await sup.submit(window_task(miner=3)))[0] == 3
+
+
+async def test_a_child_killed_while_its_caller_reads_answers_the_caller(mock_clock):
+    results: dict = {}
+    async with open_supervisor([spec(CHILD, max_attempts=1)]) as sup:
+        await warmed(sup)
+        async with trio.open_nursery() as nursery:
+            await held_by_a_caller(sup, nursery, results)
+            process(sup).proc.kill_tree()
+            await wait_until_real(lambda: HELD in results, what="the caller answered")
+        assert isinstance(results[HELD], ProverError)
+        assert "SIGKILL" in str(results[HELD]) or str(signal.SIGKILL.value) in str(results[HELD])
+
+
+async def test_the_reader_takes_an_idle_childs_pipe_back_after_linger(mock_clock):
+    async with open_supervisor([spec(CHILD)]) as sup:
+        await warmed(sup)
+        p = process(sup)
+        mock_clock.jump(LINGER / 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert p.turn.off
+        mock_clock.jump(LINGER)
+        await wait_until_real(lambda: not p.turn.off, what="the reader back on the pipe")
+        assert who(await sup.submit(window_task(miner=3)))[0] == 3
+
+
+async def test_an_idle_child_that_dies_while_its_reader_is_off_the_pipe_is_read_to_its_end(
+    mock_clock,
+):
+    async with open_supervisor([spec(CHILD)]) as sup:
+        await warmed(sup)
+        p = process(sup)
+        p.proc.kill_tree()  # its exit wakes the reader: its last words and EOF are read now
+        await wait_until_real(p.reader_done.is_set, what="the reader at EOF")
+        assert p.read_ended and not p.turn.off
