@@ -8,19 +8,23 @@ that needs it comes only if something woke it. A trio instrument counts the read
 from __future__ import annotations
 
 import os
+import random
 import signal
 
 import pytest
 import trio
+import trio.testing
 from helpers.supervisor import child_stats, dext_child, spec, wait_until_real, who, window_task
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.errors import ProverError
+from damocles_ext.supervisor import child_loop
 from damocles_ext.supervisor.pipe_turns import LINGER
 
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 HELD = 7  # the fake child holds a request of this miner until SIGUSR1 or its Cancel
+GARBAGE = 666  # it answers a request of this miner with bytes no dext frame starts with
 
 
 def fake_child(late_cancels: bool = False, capacity: int = 1) -> list[str]:
@@ -30,12 +34,15 @@ def fake_child(late_cancels: bool = False, capacity: int = 1) -> list[str]:
         """
         if msg.task.miner_id == HELD:
             held.append(msg)
+        elif msg.task.miner_id == GARBAGE:
+            out.write(b"\\xff" * 8)  # a frame longer than any allowed
+            out.flush()
         else:
             answer(msg)
         """,
         setup=f"""
         import signal
-        HELD, LATE_CANCELS = {HELD}, {late_cancels}
+        HELD, GARBAGE, LATE_CANCELS = {HELD}, {GARBAGE}, {late_cancels}
         held, cancelled = [], []
         def answer_held(*_):
             while held:
@@ -227,3 +234,105 @@ async def test_an_idle_child_that_dies_while_its_reader_is_off_the_pipe_is_read_
         p.proc.kill_tree()  # its exit wakes the reader: its last words and EOF are read now
         await wait_until_real(p.reader_done.is_set, what="the reader at EOF")
         assert p.read_ended and not p.turn.off
+
+
+async def test_a_caller_claims_the_pipe_of_a_reader_woken_that_has_not_run_yet(mock_clock):
+    answers: list = []
+    async with open_supervisor([spec(fake_child(capacity=2), concurrent=2)]) as sup:
+        await warmed(sup)
+        sup.start_nowait(window_task(miner=5), on_done=lambda out, _: answers.append(who(out)[0]))
+        # No checkpoint between: the reader, woken for the front end's request, runs only once
+        # this caller reads the pipe, and leaves it to the caller.
+        assert who(await sup.submit(window_task(miner=6)))[0] == 6
+        await wait_until_real(lambda: answers == [5], what="the front end's answer")
+        assert child_stats(sup).in_flight == 0 and child_stats(sup).restarts == 0
+
+
+async def test_stopping_at_once_answers_a_caller_reading_its_pipe(mock_clock):
+    results: dict = {}
+    async with open_supervisor([spec(CHILD)]) as sup:
+        await warmed(sup)
+        async with trio.open_nursery() as nursery:
+            await held_by_a_caller(sup, nursery, results)
+            sup.stop_at_once("stopped at once for the test")
+            await wait_until_real(lambda: HELD in results, what="the caller answered")
+    assert isinstance(results[HELD], ProverError)
+    assert "stopped at once for the test" in str(results[HELD])
+
+
+async def test_garbage_read_by_a_caller_kills_its_child_and_answers_the_caller(mock_clock):
+    async with open_supervisor([spec(CHILD, max_attempts=1)]) as sup:
+        await warmed(sup)
+        pid = process(sup).proc.pid
+        with pytest.raises(ProverError, match="broke the protocol") as e:
+            await sup.submit(window_task(miner=GARBAGE))
+        assert f"pid {pid}" in str(e.value)
+        await wait_until_real(lambda: child_stats(sup).state != "ready", what="the child down")
+
+
+async def test_a_bug_of_ours_on_output_read_by_a_caller_ends_the_child_not_the_call(
+    mock_clock, monkeypatch
+):
+    def buggy(*_):
+        raise RuntimeError("injected bug reporting bad output")
+
+    monkeypatch.setattr(child_loop, "report_bad_output", buggy)
+    async with open_supervisor([spec(CHILD, max_attempts=1)]) as sup:
+        await warmed(sup)
+        with pytest.raises(ProverError, match="internal error in damocles-ext: RuntimeError"):
+            await sup.submit(window_task(miner=GARBAGE))
+        await wait_until_real(lambda: child_stats(sup).state != "ready", what="the child down")
+        assert sup.statistics().children  # the supervisor goes on
+
+
+async def test_callers_front_ends_and_cancels_mixed_leave_nothing_unread(mock_clock):
+    # Rounds of callers, front-end requests and cancelled callers at once on a child of two
+    # slots; between rounds the reader's LINGER runs out or not: both ways of reading mix.
+    rng = random.Random(20261207)
+    answered: list[int] = []
+    async with open_supervisor([spec(fake_child(capacity=2), concurrent=2)]) as sup:
+        await sup.wait_ready("window_post", 1)
+        pid = process(sup).proc.pid
+
+        async def one(i: int, kind: float, scope: trio.CancelScope) -> None:
+            miner = 100 + i
+            if kind < 0.55:
+                assert who(await sup.submit(window_task(miner=miner)))[0] == miner
+            elif kind < 0.75:
+                with scope:  # cancelled by the round, whether or not it was sent by then
+                    await sup.submit(window_task(miner=HELD))
+                    raise AssertionError("a held request answered")
+                return
+            else:
+                got = trio.Event()
+
+                def done(out, err) -> None:
+                    assert err is None and who(out)[0] == miner
+                    got.set()
+
+                sup.start_nowait(window_task(miner=miner), on_done=done)
+                await got.wait()
+            answered.append(i)
+
+        n, expected, held = 0, [], []
+        for _ in range(60):
+            scopes = []
+            async with trio.open_nursery() as nursery:
+                for _ in range(rng.randint(1, 4)):
+                    scopes.append(trio.CancelScope())
+                    kind = rng.random()
+                    nursery.start_soon(one, n, kind, scopes[-1])
+                    (expected if not 0.55 <= kind < 0.75 else held).append(n)
+                    n += 1
+                    if rng.random() < 0.5:
+                        await trio.lowlevel.checkpoint()
+                if rng.random() < 0.5:
+                    await trio.testing.wait_all_tasks_blocked(0.005)
+                for scope in scopes:
+                    scope.cancel()
+            if rng.random() < 0.3:
+                mock_clock.jump(LINGER * rng.choice((0.5, 1.5)))
+        assert sorted(answered) == expected and len(held) > 10
+        assert child_stats(sup).done == len(expected)
+        await wait_until_real(lambda: child_stats(sup).in_flight == 0, what="nothing in flight")
+        assert process(sup).proc.pid == pid and child_stats(sup).restarts == 0

@@ -29,7 +29,7 @@ from ..config import child_env, describe_argv
 from ..logs import report_bad_output
 from .connection import ChildConnection, ChildProtocolError, Ready, preview
 from .observers import child_info, exit_status
-from .pipe_turns import PipeTurn, off_the_pipe, wake_reader
+from .pipe_turns import PipeTurn, closing, off_the_pipe, wake_reader
 from .process import ChildProcess, SpawnError, prepare_spawn, spawn
 from .reaper import REAP_TIMEOUT
 from .restart import GiveUp, RestartTracker
@@ -392,12 +392,11 @@ async def _run_process(host: ChildHost, child: Child, task_status: Any) -> tuple
                 with trio.move_on_after(REAP_TIMEOUT):
                     await proc.wait()
                 if proc.exit is None:  # its locks stay held until it exits: the reaper says so
-                    held = host.book.exiting(child.name)
-                    host.reaper.keep(
-                        proc, child.name, held, lambda: _exited(host, child, proc), child.fields
-                    )
+                    held, exited = host.book.exiting(child.name), lambda: _exited(host, child, proc)
+                    host.reaper.keep(proc, child.name, held, exited, child.fields)
             if proc.exit is not None:
                 _exited(host, child, proc)
+            closing(p)  # (a caller reading its pipe reads no more: pipe_turns)
             await proc.aclose()
         child.p = None
     return ready, reason

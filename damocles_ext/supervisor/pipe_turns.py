@@ -19,7 +19,9 @@ accord when nothing is in flight on its child, for `LINGER` after the last answe
   `LINGER` (its exit is watched apart, `child_loop._watch_exit`).
 * A caller whose request is answered by something else (a timeout, its child lost, a retry
   answered on another child, shutdown) while it waits on the pipe is woken by `notify_closing`
-  (`Waiter.answer`): rare, and it stops reading then.
+  (`Waiter.answer`): rare, and it stops reading then. Before a process's pipes are closed,
+  `closing` ends the reading and forgets the descriptor (its number may be reused).
+* A request whose booking raised (a bug of ours) after it was sent is read when LINGER is up.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class PipeTurn:
 
     def __init__(self) -> None:
         self.off = False  # the reader task is off the pipe (in `off_the_pipe`)
-        self.caller = False  # a caller reads it (`read_own`)
+        self.caller: Waiter | None = None  # the caller that reads it (`read_own`), if one
         self.wake: Parked | None = None  # the reader's, while off: set, it takes the pipe
         self.linger: trio.CancelScope | None = None  # its wait while off, till LINGER is up
         self.released_at = 0.0  # when the last caller handed it back (trio's clock)
@@ -70,7 +72,7 @@ def claim(children: Mapping[str, Child], waiter: Waiter) -> tuple[Child, Process
     if p is None:
         return None
     turn = p.turn
-    if not turn.off or turn.caller or p.down_reason is not None:  # (at EOF, it is down)
+    if not turn.off or turn.caller is not None or p.down_reason is not None:  # (EOF: down)
         wake_reader(p)  # (sent unclaimed: the reader reads it)
         return None
     return child, p
@@ -80,7 +82,7 @@ def wake_reader(p: Process) -> None:
     """Something is in flight on `p` (or it goes down) that no caller reads: its reader takes
     the pipe (if it is off it; a caller reading it hands it back, see `release`)."""
     turn = p.turn
-    if turn.wake is not None and not turn.caller:
+    if turn.wake is not None and turn.caller is None:
         turn.wake.set()
 
 
@@ -93,10 +95,10 @@ async def off_the_pipe(p: Process) -> None:
     try:
         while True:
             turn.wake = wake = Parked()
-            deadline = math.inf if turn.caller else turn.released_at + LINGER
+            deadline = math.inf if turn.caller is not None else turn.released_at + LINGER
             with trio.CancelScope(deadline=deadline) as turn.linger:
                 await wake.wait()
-            if turn.caller:  # taken before this task ran: its release wakes or times it
+            if turn.caller is not None:  # taken before this task ran: its release wakes or times it
                 continue
             if wake.is_set or p.read_ended or p.down_reason is not None:
                 return
@@ -111,7 +113,8 @@ async def read_own(host: ChildHost, child: Child, p: Process, waiter: Waiter, on
     """A caller whose request `p` runs reads `p`'s pipe (`on_data` on what it reads) until its
     request is answered, the pipe ended, or it was woken by an answer given elsewhere."""
     fd = p.proc.stdout.fileno()
-    p.turn.caller = True
+    turn = p.turn
+    turn.caller = waiter
     try:
         while not waiter.tracked.done and not p.read_ended:
             waiter.reading_fd = fd
@@ -122,23 +125,38 @@ async def read_own(host: ChildHost, child: Child, p: Process, waiter: Waiter, on
             finally:
                 waiter.reading_fd = None
             for _ in range(_READS_IN_A_ROW):
+                if p.read_ended:  # (ended while this task waited to run: its pipe may be closed)
+                    return
                 try:
                     data = os.read(fd, _READ_SIZE)
                 except BlockingIOError:
                     break
                 except OSError:
                     data = b""
-                on_data(host, child, p, data)
-                if 0 < len(data) < _READ_SIZE or p.read_ended:
+                try:
+                    on_data(host, child, p, data)
+                except Exception as exc:  # a bug of ours ends the child, not this caller's call
+                    child.log.exception("%s: internal error on its output", child.name)
+                    host.task_failed(child, f"internal error in damocles-ext: {exc!r}", p)
+                    return
+                if 0 < len(data) < _READ_SIZE:
                     break
     finally:
         release(host, child, p)
 
 
+def closing(p: Process) -> None:
+    """`p`'s pipes are about to be closed: nothing is read from them any more, and a caller
+    answered from now on is not woken through a descriptor whose number may be reused."""
+    p.read_ended = True
+    if p.turn.caller is not None:
+        p.turn.caller.reading_fd = None
+
+
 def release(host: ChildHost, child: Child, p: Process) -> None:
     """The caller hands `p`'s pipe back to its reader (see the module's docstring)."""
     turn = p.turn
-    turn.caller = False
+    turn.caller = None
     if turn.wake is None:
         return
     if p.read_ended or p.down_reason is not None or host.book.in_flight(child.name):
