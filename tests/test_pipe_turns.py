@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import random
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -83,11 +85,15 @@ def process(sup):
     return child.p
 
 
-async def warmed(sup) -> None:
-    """Ready, one request answered: its reader is off the pipe (nothing in flight)."""
-    await sup.wait_ready("window_post", 1)
-    assert who(await sup.submit(window_task(miner=1)))[0] == 1
-    await wait_until_real(lambda: process(sup).turn.off, what="the reader off the pipe")
+@asynccontextmanager
+async def warmed(specs: list) -> AsyncIterator:
+    """A supervisor of `specs` (one child), ready, one request answered: its reader is off the
+    pipe (nothing in flight)."""
+    async with open_supervisor(specs) as sup:
+        await sup.wait_ready("window_post", 1)
+        assert who(await sup.submit(window_task(miner=1)))[0] == 1
+        await wait_until_real(lambda: process(sup).turn.off, what="the reader off the pipe")
+        yield sup
 
 
 async def held_by_a_caller(sup, nursery, results: dict) -> None:
@@ -106,8 +112,7 @@ async def held_by_a_caller(sup, nursery, results: dict) -> None:
 async def test_callers_one_after_another_read_their_own_answers_the_reader_takes_no_step(
     mock_clock,
 ):
-    async with open_supervisor([spec(CHILD)]) as sup:
-        await warmed(sup)
+    async with warmed([spec(CHILD)]) as sup:
         steps = ReaderSteps()
         trio.lowlevel.add_instrument(steps)
         try:
@@ -122,8 +127,7 @@ async def test_callers_one_after_another_read_their_own_answers_the_reader_takes
 
 async def test_a_front_end_request_wakes_the_reader_off_the_pipe(mock_clock):
     answers: list = []
-    async with open_supervisor([spec(CHILD)]) as sup:
-        await warmed(sup)
+    async with warmed([spec(CHILD)]) as sup:
         sup.start_nowait(window_task(miner=5), on_done=lambda out, err: answers.append((out, err)))
         await wait_until_real(lambda: answers, what="the answer, read by the woken reader")
         assert who(answers[0][0])[0] == 5 and answers[0][1] is None
@@ -134,8 +138,7 @@ async def test_a_caller_answered_elsewhere_while_it_reads_is_woken_and_the_reade
 ):
     results: dict = {}
     child = spec(fake_child(late_cancels=True), request_timeout=5.0, max_attempts=1)
-    async with open_supervisor([child]) as sup:
-        await warmed(sup)
+    async with warmed([child]) as sup:
         p = process(sup)
         async with trio.open_nursery() as nursery:
             await held_by_a_caller(sup, nursery, results)
@@ -152,8 +155,7 @@ async def test_a_caller_answered_elsewhere_while_it_reads_is_woken_and_the_reade
 
 async def test_a_caller_done_with_the_pipe_leaves_it_to_the_reader_after_linger(mock_clock):
     results: dict = {}
-    async with open_supervisor([spec(CHILD)]) as sup:
-        await warmed(sup)
+    async with warmed([spec(CHILD)]) as sup:
         p = process(sup)
         async with trio.open_nursery() as nursery:
             await held_by_a_caller(sup, nursery, results)
@@ -171,8 +173,7 @@ async def test_a_caller_done_with_the_pipe_leaves_it_to_the_reader_after_linger(
 
 async def test_a_cancelled_caller_hands_the_pipe_back_to_the_reader(mock_clock):
     results: dict = {}
-    async with open_supervisor([spec(CHILD)]) as sup:
-        await warmed(sup)
+    async with warmed([spec(CHILD)]) as sup:
         async with trio.open_nursery() as nursery:
             await held_by_a_caller(sup, nursery, results)
             nursery.cancel_scope.cancel()
@@ -184,8 +185,7 @@ async def test_a_cancelled_caller_hands_the_pipe_back_to_the_reader(mock_clock):
 
 async def test_a_caller_reading_the_pipe_reads_the_answers_of_others_waiting(mock_clock):
     results: dict = {}
-    async with open_supervisor([spec(fake_child(capacity=2), concurrent=2)]) as sup:
-        await warmed(sup)
+    async with warmed([spec(fake_child(capacity=2), concurrent=2)]) as sup:
         steps = ReaderSteps()
         async with trio.open_nursery() as nursery:
             await held_by_a_caller(sup, nursery, results)
@@ -203,8 +203,7 @@ async def test_a_caller_reading_the_pipe_reads_the_answers_of_others_waiting(moc
 
 async def test_a_child_killed_while_its_caller_reads_answers_the_caller(mock_clock):
     results: dict = {}
-    async with open_supervisor([spec(CHILD, max_attempts=1)]) as sup:
-        await warmed(sup)
+    async with warmed([spec(CHILD, max_attempts=1)]) as sup:
         async with trio.open_nursery() as nursery:
             await held_by_a_caller(sup, nursery, results)
             process(sup).proc.kill_tree()
@@ -214,8 +213,7 @@ async def test_a_child_killed_while_its_caller_reads_answers_the_caller(mock_clo
 
 
 async def test_the_reader_takes_an_idle_childs_pipe_back_after_linger(mock_clock):
-    async with open_supervisor([spec(CHILD)]) as sup:
-        await warmed(sup)
+    async with warmed([spec(CHILD)]) as sup:
         p = process(sup)
         mock_clock.jump(LINGER / 2)
         await trio.testing.wait_all_tasks_blocked()
@@ -228,8 +226,7 @@ async def test_the_reader_takes_an_idle_childs_pipe_back_after_linger(mock_clock
 async def test_an_idle_child_that_dies_while_its_reader_is_off_the_pipe_is_read_to_its_end(
     mock_clock,
 ):
-    async with open_supervisor([spec(CHILD)]) as sup:
-        await warmed(sup)
+    async with warmed([spec(CHILD)]) as sup:
         p = process(sup)
         p.proc.kill_tree()  # its exit wakes the reader: its last words and EOF are read now
         await wait_until_real(p.reader_done.is_set, what="the reader at EOF")
@@ -238,8 +235,7 @@ async def test_an_idle_child_that_dies_while_its_reader_is_off_the_pipe_is_read_
 
 async def test_a_caller_claims_the_pipe_of_a_reader_woken_that_has_not_run_yet(mock_clock):
     answers: list = []
-    async with open_supervisor([spec(fake_child(capacity=2), concurrent=2)]) as sup:
-        await warmed(sup)
+    async with warmed([spec(fake_child(capacity=2), concurrent=2)]) as sup:
         sup.start_nowait(window_task(miner=5), on_done=lambda out, _: answers.append(who(out)[0]))
         # No checkpoint between: the reader, woken for the front end's request, runs only once
         # this caller reads the pipe, and leaves it to the caller.
@@ -250,19 +246,16 @@ async def test_a_caller_claims_the_pipe_of_a_reader_woken_that_has_not_run_yet(m
 
 async def test_stopping_at_once_answers_a_caller_reading_its_pipe(mock_clock):
     results: dict = {}
-    async with open_supervisor([spec(CHILD)]) as sup:
-        await warmed(sup)
-        async with trio.open_nursery() as nursery:
-            await held_by_a_caller(sup, nursery, results)
-            sup.stop_at_once("stopped at once for the test")
-            await wait_until_real(lambda: HELD in results, what="the caller answered")
+    async with warmed([spec(CHILD)]) as sup, trio.open_nursery() as nursery:
+        await held_by_a_caller(sup, nursery, results)
+        sup.stop_at_once("stopped at once for the test")
+        await wait_until_real(lambda: HELD in results, what="the caller answered")
     assert isinstance(results[HELD], ProverError)
     assert "stopped at once for the test" in str(results[HELD])
 
 
 async def test_garbage_read_by_a_caller_kills_its_child_and_answers_the_caller(mock_clock):
-    async with open_supervisor([spec(CHILD, max_attempts=1)]) as sup:
-        await warmed(sup)
+    async with warmed([spec(CHILD, max_attempts=1)]) as sup:
         pid = process(sup).proc.pid
         with pytest.raises(ProverError, match="broke the protocol") as e:
             await sup.submit(window_task(miner=GARBAGE))
@@ -277,8 +270,7 @@ async def test_a_bug_of_ours_on_output_read_by_a_caller_ends_the_child_not_the_c
         raise RuntimeError("injected bug reporting bad output")
 
     monkeypatch.setattr(child_loop, "report_bad_output", buggy)
-    async with open_supervisor([spec(CHILD, max_attempts=1)]) as sup:
-        await warmed(sup)
+    async with warmed([spec(CHILD, max_attempts=1)]) as sup:
         with pytest.raises(ProverError, match="internal error in damocles-ext: RuntimeError"):
             await sup.submit(window_task(miner=GARBAGE))
         await wait_until_real(lambda: child_stats(sup).state != "ready", what="the child down")
