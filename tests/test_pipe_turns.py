@@ -26,6 +26,7 @@ from damocles_ext.supervisor.pipe_turns import LINGER
 pytestmark = pytest.mark.usefixtures("no_leftover_processes")
 
 HELD = 7  # the fake child holds a request of this miner until SIGUSR1 or its Cancel
+TALKATIVE = 9  # it reports progress three times before it answers a request of this miner
 GARBAGE = 666  # it answers a request of this miner with bytes no dext frame starts with
 
 
@@ -36,6 +37,10 @@ def fake_child(late_cancels: bool = False, capacity: int = 1) -> list[str]:
         """
         if msg.task.miner_id == HELD:
             held.append(msg)
+        elif msg.task.miner_id == TALKATIVE:
+            for done in range(3):
+                send(dext.Progress(msg.id, "vanilla", done, 3))
+            answer(msg)
         elif msg.task.miner_id == GARBAGE:
             out.write(b"\\xff" * 8)  # a frame longer than any allowed
             out.flush()
@@ -44,7 +49,7 @@ def fake_child(late_cancels: bool = False, capacity: int = 1) -> list[str]:
         """,
         setup=f"""
         import signal
-        HELD, GARBAGE, LATE_CANCELS = {HELD}, {GARBAGE}, {late_cancels}
+        HELD, GARBAGE, TALKATIVE, LATE_CANCELS = {HELD}, {GARBAGE}, {TALKATIVE}, {late_cancels}
         held, cancelled = [], []
         def answer_held(*_):
             while held:
@@ -123,6 +128,19 @@ async def test_callers_one_after_another_read_their_own_answers_the_reader_takes
         assert steps.steps == 0
         assert process(sup).turn.off and not process(sup).turn.caller
         assert (child_stats(sup).done, child_stats(sup).in_flight) == (31, 0)
+
+
+async def test_a_caller_reading_its_pipe_hears_its_progress(mock_clock):
+    seen: list = []
+    async with warmed([spec(CHILD)]) as sup:
+        steps = ReaderSteps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            out = await sup.submit(window_task(miner=TALKATIVE), on_progress=seen.append)
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert who(out)[0] == TALKATIVE and steps.steps == 0
+        assert [(m.phase, m.done, m.total) for m in seen] == [("vanilla", d, 3) for d in range(3)]
 
 
 async def test_a_front_end_request_wakes_the_reader_off_the_pipe(mock_clock):

@@ -383,8 +383,10 @@ class Supervisor:
             tracked.task_msgpack = encoded  # (before the effects: a Send among them reads it)
             waiter = self._waiters[rid] = Waiter(tracked, on_progress, on_dispatch, on_done=on_done)
         finally:  # even after a bug of ours: what the book answered reaches its callers
-            self._apply(out)
-            self._claiming = 0
+            try:
+                self._apply(out)
+            finally:
+                self._claiming = 0
         return waiter
 
     async def wait_ready(self, stage: str | None = None, count: int = 1) -> None:

@@ -22,6 +22,11 @@ accord when nothing is in flight on its child, for `LINGER` after the last answe
   (`Waiter.answer`): rare, and it stops reading then. Before a process's pipes are closed,
   `closing` ends the reading and forgets the descriptor (its number may be reused).
 * A request whose booking raised (a bug of ours) after it was sent is read when LINGER is up.
+
+What a child writes unasked while nothing is in flight (after an answer, on its own line) is
+read within LINGER, or, when a caller's request comes first, by that caller with its request in
+flight: garbage there kills the child with that request on it (charged an attempt), as it did
+before whenever the next request was sent before the garbage was read.
 """
 
 from __future__ import annotations
@@ -135,14 +140,24 @@ async def read_own(host: ChildHost, child: Child, p: Process, waiter: Waiter, on
                     data = b""
                 try:
                     on_data(host, child, p, data)
-                except Exception as exc:  # a bug of ours ends the child, not this caller's call
-                    child.log.exception("%s: internal error on its output", child.name)
-                    host.task_failed(child, f"internal error in damocles-ext: {exc!r}", p)
+                except Exception as exc:  # noqa: BLE001 - a bug of ours ends the child, not the call
+                    _ended_by_a_bug(host, child, p, exc)
                     return
-                if 0 < len(data) < _READ_SIZE:
+                if 0 < len(data) < _READ_SIZE or waiter.tracked.done:
                     break
     finally:
         release(host, child, p)
+
+
+def _ended_by_a_bug(host: ChildHost, child: Child, p: Process, exc: Exception) -> None:
+    """A bug of ours on what `p` wrote, met by a caller: the child ends, as when its own task
+    meets one (`child_loop._run_process`), and a second bug in that is logged, not raised."""
+    reason = f"internal error in damocles-ext: {type(exc).__name__}: {exc}"
+    child.log.error("%s (pid %s): %s; killing it", child.name, p.proc.pid, reason, exc_info=exc)
+    try:
+        host.task_failed(child, reason, p)
+    except Exception:
+        child.log.exception("%s: internal error taking it down", child.name)
 
 
 def closing(p: Process) -> None:
