@@ -8,9 +8,16 @@ import base64
 import re
 import subprocess
 import time
+from functools import partial
 
 import pytest
 import trio
+from helpers.coordinators import (
+    SHORT_TIMEOUT,
+    heartbeat_forever,
+    no_longer_running,
+    two_jobs_with_a_quick_heartbeat_timeout,
+)
 from helpers.frontend import CoordinatorProcess, dext_stepping, step_clock
 from helpers.supervisor import wait_until
 from test_jobs_rules import make_input
@@ -19,7 +26,6 @@ from damocles_ext.jobs.client import RpcClient
 from damocles_ext.jobs.store import JobStore
 
 # HeartbeatTimeout 3 s: the coordinators' sweeps 0.75 s apart.
-SHORT_TIMEOUT = '[Common.Proving.WorkerProver]\nHeartbeatTimeout = "3s"\n'
 
 
 def _said(*coordinators: CoordinatorProcess) -> str:
@@ -88,12 +94,8 @@ async def test_coordinators_keep_to_the_servers_clock_within_a_sweep_after_it_st
     # its workers' heartbeats 300 s behind the clock B swept with, and B's sweep took their jobs
     # back as silent, heartbeated all along. Each reads the server's clock before each sweep
     # pass, and counts its move as a step: only the silent job is taken back.
-    (tmp_path / "sector-manager.cfg").write_text(SHORT_TIMEOUT)
     server = tmp_path / "server-shift"
-    with JobStore.open(postgres_url) as store:
-        for seed in range(2):
-            store.create(make_input(miner=1000 + seed, seed=seed), time.time())
-    conf = ("--conf-dir", str(tmp_path))
+    conf = two_jobs_with_a_quick_heartbeat_timeout(postgres_url, tmp_path)
     a = CoordinatorProcess(postgres_url, *conf, dext=dext_stepping(server=server))
     b = CoordinatorProcess(postgres_url, *conf, dext=dext_stepping(server=server))
     try:
@@ -105,20 +107,11 @@ async def test_coordinators_keep_to_the_servers_clock_within_a_sweep_after_it_st
                 to_a = RpcClient(f"127.0.0.1:{a.port}", timeout=30)
                 kept, silent = await to_a.call("Dext.AllocateJobs", {}, 2, "w1")
                 held = [{"Id": kept["Id"], "Lease": kept["Lease"]}]
-
-                def taken_back() -> bool:
-                    with JobStore.open(postgres_url, create=False) as store:
-                        return store.get(silent["Id"]).State != "running"
-
-                async def heartbeat_through_a() -> None:
-                    while True:
-                        assert await to_a.call("Dext.HeartbeatJobs", held, "w1") == []
-                        await trio.sleep(0.25)  # the worker's heartbeat period, not a wait
-
-                nursery.start_soon(heartbeat_through_a)
+                nursery.start_soon(heartbeat_forever, to_a, held, "w1")
                 # The silent job is taken back a timeout after it was given out: by then B had
                 # swept four times, and on the old reading took the kept job back at its first.
-                await wait_until(taken_back, timeout=30, what="the silent job taken back")
+                await wait_until(partial(no_longer_running, postgres_url, silent["Id"]),
+                                 timeout=30, what="the silent job taken back")  # fmt: skip
                 nursery.cancel_scope.cancel()
             await to_a.aclose()
         with JobStore.open(postgres_url, create=False) as store:
@@ -147,7 +140,7 @@ async def test_prove_jobs_on_a_machine_behind_the_server_gives_the_deadline_on_t
     # cancelled at the next sweep, at a time still in the producer's future, and no clock was
     # warned of (only serve's producer compared them). Its deadlines are on the server's clock.
     from helpers.frontend import dext_env, dext_shifted
-    from test_producer import finish_as_worker, task_in_store_a
+    from test_producer import finish_as_worker, stderr_until, task_in_store_a, to_the_end
 
     from damocles_ext.jobs import model
     from damocles_ext.protocol.jsonl import task_to_json
@@ -163,21 +156,13 @@ async def test_prove_jobs_on_a_machine_behind_the_server_gives_the_deadline_on_t
     seen = b""
     try:
         with trio.fail_after(60):
-            while f"job {job_id}: created".encode() not in seen:
-                chunk = await process.stderr.receive_some(4096)
-                assert chunk, seen
-                seen += chunk
+            seen = await stderr_until(process, f"job {job_id}: created".encode())
             with JobStore.open(postgres_url, create=False) as store:
                 job = store.get(job_id)
             assert job is not None and job.not_after is not None
             assert abs(job.not_after - (time.time() + 30)) < 5, (job.not_after, time.time())
             await finish_as_worker(postgres_url, job_id, model.JobOutput(proofs=(b"p",), faults=()))
-            out = b""
-            while chunk := await process.stdout.receive_some(4096):
-                out += chunk
-            while chunk := await process.stderr.receive_some(4096):
-                seen += chunk
-            assert await process.wait() == 0, seen
+            out, seen = await to_the_end(process, seen)
     finally:
         if process.returncode is None:
             process.kill()

@@ -12,6 +12,12 @@ from functools import partial
 
 import pytest
 import trio
+from helpers.coordinators import (
+    heartbeat_forever,
+    no_longer_running,
+    two_jobs_with_a_quick_heartbeat_timeout,
+    what_they_said,
+)
 from helpers.frontend import CoordinatorProcess
 from test_jobs_rules import make_input
 
@@ -265,59 +271,36 @@ async def test_while_one_coordinator_is_down_its_workers_that_cannot_reach_the_o
     # a single coordinator restarted would have left it (it counts silence from its start).
     from helpers.supervisor import wait_until_real
 
-    (tmp_path / "sector-manager.cfg").write_text(
-        '[Common.Proving.WorkerProver]\nHeartbeatTimeout = "3s"\n'
-    )
-    with JobStore.open(postgres_url) as store:
-        for seed in range(2):
-            store.create(make_input(miner=1000 + seed, seed=seed), time.time())
-    conf = ("--conf-dir", str(tmp_path))
+    conf = two_jobs_with_a_quick_heartbeat_timeout(postgres_url, tmp_path)
     a, b = CoordinatorProcess(postgres_url, *conf), CoordinatorProcess(postgres_url, *conf)
-    try:
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await a.start(nursery)
-                await b.start(nursery)
-                to_a = RpcClient(f"127.0.0.1:{a.port}", timeout=30)
-                to_b = RpcClient(f"127.0.0.1:{b.port}", timeout=30)
-                (only_a,) = await to_a.call("Dext.AllocateJobs", {}, 1, "reaches-a-only")
-                (both,) = await to_a.call("Dext.AllocateJobs", {}, 1, "reaches-both")
-                held = [{"Id": both["Id"], "Lease": both["Lease"]}]
-
-                def taken_back() -> bool:
-                    with JobStore.open(postgres_url, create=False) as store:
-                        return store.get(only_a["Id"]).State != "running"
-
-                async def heartbeat_through_b() -> None:
-                    while True:
-                        assert await to_b.call("Dext.HeartbeatJobs", held, "reaches-both") == []
-                        await trio.sleep(0.25)  # the worker's heartbeat period, not a wait
-
-                # Heard through B from the start: a job's HeartbeatAt is in whole seconds, so a
-                # first heartbeat only after A's kill, or a slow one, could come a timeout late
-                # on a loaded machine.
-                nursery.start_soon(heartbeat_through_b)
-                await a.kill()
-                await wait_until_real(taken_back, what="the silent worker's job taken back")
-                await a.start(nursery, port=a.port)
-                mine = [{"Id": only_a["Id"], "Lease": only_a["Lease"]}]
-                (stop,) = await to_a.call("Dext.HeartbeatJobs", mine, "reaches-a-only")
-                assert stop["Reason"] == "timed_out"
-                with JobStore.open(postgres_url, create=False) as store:
-                    kept = store.get(both["Id"])
-                assert (kept.State, kept.lease, kept.TryNum) == ("running", both["Lease"], 1)
-                # The heartbeats stop before their client closes: a client closed under a call
-                # breaks that call ("broke before its answer"), a failure of the test's own.
-                nursery.cancel_scope.cancel()
-            for client in (to_a, to_b):
-                await client.aclose()
-    except BaseException as exc:  # what the coordinators said, with the failure
-        exc.add_note(f"A said:\n{a.stderr.decode(errors='replace')[-4000:]}")
-        exc.add_note(f"B said:\n{b.stderr.decode(errors='replace')[-4000:]}")
-        raise
-    finally:
-        a.stop()
-        b.stop()
+    with what_they_said(a, b), trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await a.start(nursery)
+            await b.start(nursery)
+            to_a = RpcClient(f"127.0.0.1:{a.port}", timeout=30)
+            to_b = RpcClient(f"127.0.0.1:{b.port}", timeout=30)
+            (only_a,) = await to_a.call("Dext.AllocateJobs", {}, 1, "reaches-a-only")
+            (both,) = await to_a.call("Dext.AllocateJobs", {}, 1, "reaches-both")
+            held = [{"Id": both["Id"], "Lease": both["Lease"]}]
+            # Heard through B from the start: a job's HeartbeatAt is in whole seconds, so a
+            # first heartbeat only after A's kill, or a slow one, could come a timeout late
+            # on a loaded machine.
+            nursery.start_soon(heartbeat_forever, to_b, held, "reaches-both")
+            await a.kill()
+            await wait_until_real(partial(no_longer_running, postgres_url, only_a["Id"]),
+                                  what="the silent worker's job taken back")  # fmt: skip
+            await a.start(nursery, port=a.port)
+            mine = [{"Id": only_a["Id"], "Lease": only_a["Lease"]}]
+            (stop,) = await to_a.call("Dext.HeartbeatJobs", mine, "reaches-a-only")
+            assert stop["Reason"] == "timed_out"
+            with JobStore.open(postgres_url, create=False) as store:
+                kept = store.get(both["Id"])
+            assert (kept.State, kept.lease, kept.TryNum) == ("running", both["Lease"], 1)
+            # The heartbeats stop before their client closes: a client closed under a call
+            # breaks that call ("broke before its answer"), a failure of the test's own.
+            nursery.cancel_scope.cancel()
+        for client in (to_a, to_b):
+            await client.aclose()
     assert b"Traceback" not in a.stderr + b.stderr
 
 
@@ -332,52 +315,29 @@ async def test_a_worker_heartbeating_through_a_coordinator_whose_clock_is_behind
     from helpers.frontend import dext_shifted
     from helpers.supervisor import wait_until_real
 
-    (tmp_path / "sector-manager.cfg").write_text(
-        '[Common.Proving.WorkerProver]\nHeartbeatTimeout = "3s"\n'
-    )
-    with JobStore.open(postgres_url) as store:
-        for seed in range(2):
-            store.create(make_input(miner=1000 + seed, seed=seed), time.time())
-    conf = ("--conf-dir", str(tmp_path))
+    conf = two_jobs_with_a_quick_heartbeat_timeout(postgres_url, tmp_path)
     a = CoordinatorProcess(postgres_url, *conf)
     b = CoordinatorProcess(postgres_url, *conf, dext=dext_shifted(-40.0))
-    try:
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await a.start(nursery)
-                await b.start(nursery)
-                to_b = RpcClient(f"127.0.0.1:{b.port}", timeout=30)
-                kept, silent = await to_b.call("Dext.AllocateJobs", {}, 2, "w2")
-                # Its answers' Date, which workers compare their clocks with, is the server's.
-                assert to_b.server_date is not None
-                assert abs(to_b.server_date + 0.5 - time.time()) < 3
-                held = [{"Id": kept["Id"], "Lease": kept["Lease"]}]
-
-                def taken_back() -> bool:
-                    with JobStore.open(postgres_url, create=False) as store:
-                        return store.get(silent["Id"]).State != "running"
-
-                async def heartbeat_through_b() -> None:
-                    while True:
-                        assert await to_b.call("Dext.HeartbeatJobs", held, "w2") == []
-                        await trio.sleep(0.25)  # the worker's heartbeat period, not a wait
-
-                nursery.start_soon(heartbeat_through_b)
-                # The silent job is taken back a timeout after it was given out: by then, A
-                # had read the kept job's stamps as 40 s old, and took it back in the same pass.
-                await wait_until_real(taken_back, what="the silent job taken back")
-                nursery.cancel_scope.cancel()
-            await to_b.aclose()
+    with what_they_said(a, b), trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await a.start(nursery)
+            await b.start(nursery)
+            to_b = RpcClient(f"127.0.0.1:{b.port}", timeout=30)
+            kept, silent = await to_b.call("Dext.AllocateJobs", {}, 2, "w2")
+            # Its answers' Date, which workers compare their clocks with, is the server's.
+            assert to_b.server_date is not None
+            assert abs(to_b.server_date + 0.5 - time.time()) < 3
+            held = [{"Id": kept["Id"], "Lease": kept["Lease"]}]
+            nursery.start_soon(heartbeat_forever, to_b, held, "w2")
+            # The silent job is taken back a timeout after it was given out: by then, A
+            # had read the kept job's stamps as 40 s old, and took it back in the same pass.
+            await wait_until_real(partial(no_longer_running, postgres_url, silent["Id"]),
+                                  what="the silent job taken back")  # fmt: skip
+            nursery.cancel_scope.cancel()
+        await to_b.aclose()
         with JobStore.open(postgres_url, create=False) as store:
             job = store.get(kept["Id"])
         assert (job.State, job.lease, job.TryNum) == ("running", kept["Lease"], 1)
-    except BaseException as exc:  # what the coordinators said, with the failure
-        exc.add_note(f"A said:\n{a.stderr.decode(errors='replace')[-4000:]}")
-        exc.add_note(f"B said:\n{b.stderr.decode(errors='replace')[-4000:]}")
-        raise
-    finally:
-        a.stop()
-        b.stop()
     said = b.stderr.decode()
     # (A reading is off by up to half its round trip: within a second on a loaded machine.)
     assert re.search(

@@ -74,6 +74,26 @@ async def finish_as_worker(url: str, job_id: str, output, error: str = "", worke
         assert outcome.effects == (rules.Finished(job_id, error),)
 
 
+async def stderr_until(process, text: bytes, seen: bytes = b"") -> bytes:
+    """What `process` wrote to stderr, read until it holds `text` (`seen`: read before)."""
+    while text not in seen:
+        chunk = await process.stderr.receive_some(4096)
+        assert chunk, seen
+        seen += chunk
+    return seen
+
+
+async def to_the_end(process, seen: bytes) -> tuple[bytes, bytes]:
+    """`process`'s whole stdout and the rest of its stderr (after `seen`), once it exited 0."""
+    out = b""
+    while chunk := await process.stdout.receive_some(4096):
+        out += chunk
+    while chunk := await process.stderr.receive_some(4096):
+        seen += chunk
+    assert await process.wait() == 0, seen
+    return out, seen
+
+
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/jobs.db"
 
@@ -807,19 +827,10 @@ async def test_prove_jobs_submits_the_task_as_a_job_and_prints_the_workers_outpu
     process = await trio.lowlevel.open_process(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dext_env()
     )
-    seen = b""
     with trio.fail_after(60):
-        while f"job {job_id}: created".encode() not in seen:
-            chunk = await process.stderr.receive_some(4096)
-            assert chunk, seen
-            seen += chunk
+        seen = await stderr_until(process, f"job {job_id}: created".encode())
         await finish_as_worker(url, job_id, model.JobOutput(proofs=(b"p",), faults=(1,)))
-        out = b""
-        while chunk := await process.stdout.receive_some(4096):
-            out += chunk
-        while chunk := await process.stderr.receive_some(4096):
-            seen += chunk
-        assert await process.wait() == 0, seen
+        out, seen = await to_the_end(process, seen)
     assert json.loads(out) == {"proofs": ["cA=="], "faults": [1]}
     assert b"1 faulty sector: 1" in seen and b"Traceback" not in seen
 

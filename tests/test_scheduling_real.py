@@ -13,7 +13,14 @@ import time
 import pytest
 import trio
 import trio.testing
-from helpers.scheduling import GATED_CHILD, Gate, child_log, gated, submit_in_order
+from helpers.scheduling import (
+    GATED_CHILD,
+    Gate,
+    child_log,
+    gated,
+    submit_in_order,
+    wd_and_win_gates,
+)
 from helpers.supervisor import (
     builtin_child,
     child_stats,
@@ -34,14 +41,11 @@ async def test_winning_post_overtakes_queued_window_posts_which_then_start_by_de
     tmp_path, recorder
 ):
     rec, pm = recorder
-    log = tmp_path / "log"
-    log.touch()
-    wd_gate, win_gate = Gate(tmp_path / "wd"), Gate(tmp_path / "win")
-    children = [
-        gated(tmp_path, WD, 0, wd_gate, log, locks=("gpu:0",)),
-        gated(tmp_path, WIN, 0, win_gate, log, locks=("gpu:0",)),
-    ]
-    try:
+    with wd_and_win_gates(tmp_path) as (log, wd_gate, win_gate):
+        children = [
+            gated(tmp_path, WD, 0, wd_gate, log, locks=("gpu:0",)),
+            gated(tmp_path, WIN, 0, win_gate, log, locks=("gpu:0",)),
+        ]
         async with open_supervisor(children, plugin_manager=pm, stop_timeout=2.0) as sup:
             await sup.wait_ready(WD)
             await sup.wait_ready(WIN)
@@ -70,9 +74,6 @@ async def test_winning_post_overtakes_queued_window_posts_which_then_start_by_de
                     order.append((rid, child))
                 assert order == [(5, f"{WIN}#0"), (3, f"{WD}#0"), (4, f"{WD}#0"), (2, f"{WD}#0")]
                 wd_gate.release()
-    finally:
-        wd_gate.close()
-        win_gate.close()
     # The children's own view: the same order, and never two requests at once on gpu:0.
     assert child_log(log) == [
         f"start {WD}#0 1",
@@ -271,15 +272,12 @@ async def test_a_queued_request_whose_caller_went_away_frees_the_lock_it_kept_at
     # WindowPoSt start at once, not when something else happens (removing the dispatch of
     # the book's caller_gone failed no test before: the WindowPoSt waited for request 1).
     rec, pm = recorder
-    log = tmp_path / "log"
-    log.touch()
-    wd_gate, win_gate = Gate(tmp_path / "wd"), Gate(tmp_path / "win")
-    wd_argv = [*python_child(TWO_SLOTS_CHILD), WD, f"{WD}#0", str(wd_gate.path), str(log)]
-    children = [
-        spec(wd_argv, stage=WD, concurrent=2, locks=("gpu:0",)),
-        gated(tmp_path, WIN, 0, win_gate, log, locks=("gpu:0",)),
-    ]
-    try:
+    with wd_and_win_gates(tmp_path) as (log, wd_gate, win_gate):
+        wd_argv = [*python_child(TWO_SLOTS_CHILD), WD, f"{WD}#0", str(wd_gate.path), str(log)]
+        children = [
+            spec(wd_argv, stage=WD, concurrent=2, locks=("gpu:0",)),
+            gated(tmp_path, WIN, 0, win_gate, log, locks=("gpu:0",)),
+        ]
         async with open_supervisor(children, plugin_manager=pm, stop_timeout=2.0) as sup:
             await sup.wait_ready(WD)
             await sup.wait_ready(WIN)
@@ -296,9 +294,6 @@ async def test_a_queued_request_whose_caller_went_away_frees_the_lock_it_kept_at
                 assert await rec.next("started") == ("started", 3, f"{WD}#0")
                 wd_gate.release()
                 wd_gate.release()
-    finally:
-        wd_gate.close()
-        win_gate.close()
     assert child_log(log) == [
         f"start {WD}#0 1",
         f"end {WD}#0 1",

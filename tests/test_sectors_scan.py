@@ -243,16 +243,24 @@ async def test_a_sector_whole_in_one_store_is_found_there_whatever_another_store
         assert (answer.status, answer.location) == ("found", both_in(stores, "b")), order
 
 
+def split_over(stores, sealed_in: str, cache_in: str) -> SectorLocation:
+    """Sector 7 with its sealed file in one store and its cache directory in another."""
+    sealed, cache = sealed_path(stores[sealed_in], 7), cache_path(stores[cache_in], 7)
+    return SectorLocation(str(sealed), str(cache), sealed_in, cache_in)
+
+
+async def found_in_any_order(stores, orders, location: SectorLocation) -> None:
+    """Sector 7 found at `location` whichever order of the stores the scan is given."""
+    for order in orders:
+        answer = await scanned(stores, order)
+        assert (answer.status, answer.location) == ("found", location), order
+
+
 async def test_a_sector_split_over_two_stores_as_damocles_keeps_it_is_found_in_both(tmp_path):
     stores = empty_stores(tmp_path, "ab")
     sealed_file_only(stores["a"], 7)
     cache_path(stores["b"], 7).mkdir()
-    split = SectorLocation(
-        str(sealed_path(stores["a"], 7)), str(cache_path(stores["b"], 7)), "a", "b"
-    )
-    for order in ("ab", "ba"):
-        answer = await scanned(stores, order)
-        assert (answer.status, answer.location) == ("found", split), order
+    await found_in_any_order(stores, ("ab", "ba"), split_over(stores, "a", "b"))
 
 
 async def test_a_split_sector_is_never_paired_with_what_a_broken_leftover_has(tmp_path):
@@ -272,12 +280,7 @@ async def test_a_split_sector_is_never_paired_with_what_a_broken_leftover_has(tm
         ), order
     # With its cache directory whole in store c, it is found in b and c.
     cache_path(stores["c"], 7).mkdir()
-    split = SectorLocation(
-        str(sealed_path(stores["b"], 7)), str(cache_path(stores["c"], 7)), "b", "c"
-    )
-    for order in ("abc", "cba"):
-        answer = await scanned(stores, order)
-        assert (answer.status, answer.location) == ("found", split), order
+    await found_in_any_order(stores, ("abc", "cba"), split_over(stores, "b", "c"))
 
 
 async def test_the_scan_looks_at_a_sector_found_whole_once_per_part_and_a_store_before_it_once(

@@ -249,24 +249,35 @@ def logged(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
 # --- end to end -----------------------------------------------------------------------------------
 
 
-async def test_a_job_in_the_store_is_pulled_proved_on_a_child_and_its_proofs_stored(
-    store_url, make_rig, tmp_path
-):
+async def two_sectors_proved_on_python_ref(
+    store_url, make_rig, tmp_path, *, second_comm_r_wrong: bool = False
+) -> tuple:
+    """A job of two real sectors in store-a (its second comm_r wrong, if asked), pulled and
+    proved by a worker with a python-ref child: (the job as stored once delivered, its sector
+    ids, the store's root)."""
     base = tmp_path / "mnt" / "store-a"
     manifest = sectors(base, PROOF_TYPE, 2, random_seed=3)
     ids = tuple(r.sector_id for r in manifest.replicas)
     comm_rs = [bytes.fromhex(r.comm_r) for r in manifest.replicas]
+    if second_comm_r_wrong:
+        comm_rs[1] = bytes(32)
     rig = make_rig(store_url, {"store-a": str(base)})
     job, _ = await rig.jobs.create(job_input(sector_ids=ids, comm_rs=comm_rs))
     kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
     worker = Worker(rig.settings(kids, attached={"store-a": str(base)}))
     await run_until(rig, worker, lambda: worker.counters.delivered == 1)
-    done = await rig.jobs.get(job.Id)
+    return await rig.jobs.get(job.Id), ids, base
+
+
+async def test_a_job_in_the_store_is_pulled_proved_on_a_child_and_its_proofs_stored(
+    store_url, make_rig, tmp_path
+):
+    done, ids, base = await two_sectors_proved_on_python_ref(store_url, make_rig, tmp_path)
     assert done.succeeded and done.TryNum == 1 and done.WorkerName == "gpu-1"
     assert done.Output is not None and done.Output.faults == ()
     # The proofs are this job's: the verifier accepts them for its sectors.
     task = window_post_task(
-        PulledJob(job.Id, job.Input),
+        PulledJob(done.Id, done.Input),
         [
             (str(base / "sealed" / f"s-t01000-{n}"), str(base / "cache" / f"s-t01000-{n}"))
             for n in ids
@@ -281,19 +292,12 @@ async def test_a_sector_that_does_not_match_its_comm_r_is_not_blamed_on_its_file
     # The job's line said "faulty (their files cannot be read here)" of every fault, sending
     # the operator to check mounts for a sector whose files read fine: the prover says why.
     caplog.set_level(logging.INFO, "damocles_ext")
-    base = tmp_path / "mnt" / "store-a"
-    manifest = sectors(base, PROOF_TYPE, 2, random_seed=3)
-    ids = tuple(r.sector_id for r in manifest.replicas)
-    comm_rs = [bytes.fromhex(manifest.replicas[0].comm_r), bytes(32)]  # the second's is wrong
-    rig = make_rig(store_url, {"store-a": str(base)})
-    job, _ = await rig.jobs.create(job_input(sector_ids=ids, comm_rs=comm_rs))
-    kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
-    worker = Worker(rig.settings(kids, attached={"store-a": str(base)}))
-    await run_until(rig, worker, lambda: worker.counters.delivered == 1)
-    done = await rig.jobs.get(job.Id)
+    done, ids, _ = await two_sectors_proved_on_python_ref(
+        store_url, make_rig, tmp_path, second_comm_r_wrong=True
+    )
     assert done.Output is not None and done.Output.faults == (ids[1],)
-    [line] = logged(caplog, f"job {job.Id}: 1 of its 2 sectors are faulty")
-    assert line.startswith(f"job {job.Id}: 1 of its 2 sectors are faulty: {ids[1]}; the prover")
+    [line] = logged(caplog, f"job {done.Id}: 1 of its 2 sectors are faulty")
+    assert line.startswith(f"job {done.Id}: 1 of its 2 sectors are faulty: {ids[1]}; the prover")
     assert "cannot be read here" not in line
     assert logged(caplog, f"sector {ids[1]} is faulty: comm_r of sector {ids[1]} does not match")
     # Said once, on the job's line: not again by the supervisor's note of the request.

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -204,29 +206,42 @@ async def test_a_split_workers_ping_counts_a_snark_child_that_is_down_among_its_
     assert (info["Summary"]["Threads"], info["Summary"]["Errors"]) == (1, 1), info
 
 
-async def test_a_paused_workers_ping_reports_its_free_slots_paused_at_once(tmp_path):
-    # 3 proofs failed in a row: the worker takes no job for 30 s. damocles-manager's worker
-    # list (and our coordinator) must see that, not free slots of an idle worker; and at once,
-    # not at the next ping, 30 s later, when a first pause of 30 s is over.
+@asynccontextmanager
+async def paused_by_its_failures(
+    tmp_path, *, ping_interval: float, concurrent: int = 1
+) -> AsyncIterator[tuple[Rig, Worker, list[str]]]:
+    """A worker whose prover fails every proof, 5 jobs ready (their ids yielded): in the block
+    once 3 proofs failed in a row paused it and it holds no job; stopped after it."""
     rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=Pinged)
-    kids = children(tmp_path, plugin_block("WdPost", "sleep", concurrent=2, seconds=0,
+    kids = children(tmp_path, plugin_block("WdPost", "sleep", concurrent=concurrent, seconds=0,
                                            fail="always"))  # fmt: skip
-    worker = Worker(rig.settings(kids, ping_interval=600))
-    for seed in range(5):
-        await rig.jobs.create(job_input(seed=seed))
+    worker = Worker(rig.settings(kids, ping_interval=ping_interval))
+    ids = [(await rig.jobs.create(job_input(seed=seed)))[0].Id for seed in range(5)]
     try:
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await nursery.start(rig.server.serve)
                 running = await start_worker(nursery, worker)
                 await worker.wait_for(lambda: worker.counters.pauses == 1 and not worker.held)
-                # Pinged as it paused and as its slots freed, not 600 s later.
-                await rig.coordinator.pinged_with(Paused=2)
-                paused = rig.coordinator.paused_workers.names(time.time())
+                yield rig, worker, ids
                 await running.stop()
                 nursery.cancel_scope.cancel()
     finally:
         rig.close()
+
+
+async def test_a_paused_workers_ping_reports_its_free_slots_paused_at_once(tmp_path):
+    # 3 proofs failed in a row: the worker takes no job for 30 s. damocles-manager's worker
+    # list (and our coordinator) must see that, not free slots of an idle worker; and at once,
+    # not at the next ping, 30 s later, when a first pause of 30 s is over.
+    async with paused_by_its_failures(tmp_path, ping_interval=600, concurrent=2) as (
+        rig,
+        worker,
+        _,
+    ):
+        # Pinged as it paused and as its slots freed, not 600 s later.
+        await rig.coordinator.pinged_with(Paused=2)
+        paused = rig.coordinator.paused_workers.names(time.time())
     assert worker.paused() is not None
     [info] = rig.coordinator.pings[-1]
     assert info["Summary"] == {
@@ -239,24 +254,11 @@ async def test_a_worker_paused_by_prover_failures_asks_for_no_job_while_paused(t
     # 3 proofs failed in a row: the worker takes no job for 30 s, so that other workers take
     # them. Before, only a test stopped at the instant of the pause said so: dropping the pause
     # from the allocation loop's wait failed none, the next job pulled at once.
-    rig = Rig(f"sqlite:///{tmp_path}/jobs.db", coordinator=Pinged)
-    kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0, fail="always"))
-    worker = Worker(rig.settings(kids, ping_interval=0.05))
-    ids = [(await rig.jobs.create(job_input(seed=seed)))[0].Id for seed in range(5)]
-    try:
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(rig.server.serve)
-                running = await start_worker(nursery, worker)
-                await worker.wait_for(lambda: worker.counters.pauses == 1 and not worker.held)
-                # Its slot free, jobs ready: pinged 5 times more, 0.05 s apart, pulling none.
-                await rig.coordinator.pinged(len(rig.coordinator.pings) + 5)
-                pulled = worker.counters.pulled
-                await running.stop()
-                nursery.cancel_scope.cancel()
+    async with paused_by_its_failures(tmp_path, ping_interval=0.05) as (rig, worker, ids):
+        # Its slot free, jobs ready: pinged 5 times more, 0.05 s apart, pulling none.
+        await rig.coordinator.pinged(len(rig.coordinator.pings) + 5)
+        pulled = worker.counters.pulled
         states = [(await rig.jobs.get(i)).State for i in ids]
-    finally:
-        rig.close()
     assert pulled == 3  # the Breaker's limit, then none while paused
     assert states.count("ready2run") == 2, states  # left for other workers
 

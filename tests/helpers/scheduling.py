@@ -5,6 +5,8 @@ decisions from these, with no sleeps and no polling."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import trio
@@ -101,6 +103,19 @@ def gated(tmp: Path, stage: str, index: int, gate: Gate, log: Path, **overrides)
     name = f"{stage}#{index}"
     argv = [*python_child(GATED_CHILD), stage, name, str(gate.path), str(log)]
     return spec(argv, index=index, stage=stage, **overrides)
+
+
+@contextmanager
+def wd_and_win_gates(tmp: Path) -> Iterator[tuple[Path, Gate, Gate]]:
+    """An empty log and the gates of a WindowPoSt and a WinningPoSt child, closed at the end."""
+    log = tmp / "log"
+    log.touch()
+    wd, win = Gate(tmp / "wd"), Gate(tmp / "win")
+    try:
+        yield log, wd, win
+    finally:
+        wd.close()
+        win.close()
 
 
 def child_log(path: Path) -> list[str]:
