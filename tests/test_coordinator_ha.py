@@ -205,7 +205,7 @@ async def test_a_coordinator_whose_clock_is_off_the_servers_keeps_to_the_servers
             await nursery.start(coordinator.sweep_forever)  # the first pass reads the clock
             nursery.cancel_scope.cancel()
         clock = coordinator.server_clock
-        assert clock.skew is not None and 29 < clock.skew < 31
+        assert clock.reading.notice.skew is not None and 29 < clock.reading.notice.skew < 31
         assert abs(jobs.clock() - time.time()) < 1  # the server's (this test's machine's)
         (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
         assert "this machine's clock is 30.0 s ahead of the clock of the job store's" in (
@@ -218,7 +218,7 @@ async def test_a_coordinator_whose_clock_is_off_the_servers_keeps_to_the_servers
         assert abs(coordinator.hearing.since - time.time()) < 5
         offset[0] = -0.01  # set right: said once, and the skew forgotten
         await clock.read_server()
-        assert clock.skew is None
+        assert clock.reading.notice.skew is None
         assert abs(jobs.clock() - time.time()) < 1
         assert "agrees with the job store's server again" in caplog.records[-1].getMessage()
 
@@ -258,7 +258,7 @@ async def test_sqlite_has_no_server_clock_to_compare_with(tmp_path, caplog):
         await coordinator.server_clock.read_server()
         assert jobs.server_offset is None  # one machine: its own clock
         assert abs(jobs.clock() - time.time() - 3600) < 1
-    assert coordinator.server_clock.skew is None
+    assert coordinator.server_clock.reading.notice.skew is None
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -511,7 +511,7 @@ async def test_serve_waits_a_bounded_time_for_a_server_clock_that_does_not_answe
 
         jobs._in_thread = stalled
         with trio.fail_after(10):
-            await clock.read_before_serving(0.2)
+            await clock.read_server(0.2)
         (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
         assert "did not answer within 0.2 s when its clock was read" in warning, warning
         assert "until a sweep reads it" in warning

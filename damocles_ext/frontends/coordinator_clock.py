@@ -35,6 +35,71 @@ _KEEPS_TO_IT = (
     "this coordinator keeps to the server's clock, as every coordinator on the store does (it"
     " stamps heartbeats and sweeps on it), so no job is taken back early for it"
 )
+_UNREAD = (
+    "this coordinator stamps heartbeats and sweeps on this machine's clock, which may be off the"
+    " server's, which the other coordinators keep to: a job heartbeated through them may be taken"
+    " back early, a silent one late; it is read again at each sweep, and a line says when that"
+    " works"
+)
+_UNANSWERED = (
+    "the job store's PostgreSQL server (%s) did not answer within %g s when its clock was read:"
+    " this process serves on a clock that may be off the server's, which the other coordinators"
+    " keep to, until a sweep reads it (at each one until that works; a line says when)"
+)
+
+
+class ClockReading:
+    """Readings of a job store's PostgreSQL server's clock (`TrioJobStore.read_server_clock`),
+    which keep the store on it, for a coordinator's sweeps (`ServerClock`) and a producer's polls
+    alike: a failed one is warned of once while the store is on this machine's clock (no reading
+    worked yet), else said at DEBUG (the last reading holds); the first to work after a warning
+    is said. `notice` says this machine's clock when it is CLOCK_SKEW or more off the server's."""
+
+    def __init__(self, store: TrioJobStore, logger: logging.Logger, who: str, *,
+                 keeps_to_it: str, unread: str, unanswered: str | None = None) -> None:  # fmt: skip
+        self.store = store
+        self.notice = SkewNotice(logger, keeps_to_it)
+        self._log = logger
+        self._who = who  # "coordinator", "producer"
+        self._unread = unread  # what the store's clock is meanwhile, after "cannot read ...: why; "
+        self._unanswered = unanswered  # its own warning of a first reading unanswered in time
+        self._warned = False
+
+    async def read(self, within: float | None = None) -> float | None:
+        """The server's clock's move since the last reading (s), or None: SQLite, or the reading
+        failed (said), or it was not answered `within` s."""
+        if within is None:
+            return await self._read()
+        with trio.move_on_after(within) as waited:
+            return await self._read()
+        assert waited.cancelled_caught
+        if self._unanswered is None:
+            self._failed(f"no answer within {within:g} s")
+        else:
+            self._warned = True
+            self._log.warning(self._unanswered, self.store.store.where, within)
+        return None
+
+    async def _read(self) -> float | None:
+        try:
+            moved = await self.store.read_server_clock()
+        except Exception as exc:  # noqa: BLE001 (a reading: never a reason to stop serving)
+            self._failed(str(exc))
+            return None
+        if moved is not None and self._warned:
+            self._warned = False
+            self._log.info("the clock of the job store's server is read again: this %s keeps"
+                           " to it", self._who)  # fmt: skip
+        return moved
+
+    def _failed(self, why: str) -> None:
+        where = self.store.store.where
+        if self._warned or self.store.server_offset is not None:
+            self._log.debug("cannot read the clock of the store %s: %s", where, why)
+            return
+        self._warned = True
+        self._log.warning("cannot read the clock of the job store's PostgreSQL server (%s): %s;"
+                          " %s", where, why, self._unread)  # fmt: skip
 
 
 class ServerClock:
@@ -47,44 +112,31 @@ class ServerClock:
         self.hearing = hearing
         self._monotonic = monotonic
         self._watch_clocks = watch_clocks
-        self._notice = SkewNotice(log, _KEEPS_TO_IT)
-        self._read = False  # a reading worked
-        self._warned = False  # a failed reading was warned of (once while they fail)
+        self.reading = ClockReading(store, log, "coordinator", keeps_to_it=_KEEPS_TO_IT,
+                                    unread=_UNREAD, unanswered=_UNANSWERED)  # fmt: skip
         # Seconds the store's clock moved at the readings since the last `watch`: a step.
         self._moved = 0.0
         # Whether the store's clock followed this machine's wall clock since the last `watch`
         # (unread, or SQLite): then a step of the wall clock is one of the store's.
         self._on_wall = True
 
-    @property
-    def skew(self) -> float | None:
-        """Seconds this machine's clock is ahead of the server's, when CLOCK_SKEW or more at
-        the last warning (None: in step since, unread, or SQLite)."""
-        return self._notice.skew
-
-    async def read_server(self) -> None:
+    async def read_server(self, within: float | None = None) -> None:
         """Read the server's clock and keep to it (before each sweep pass): a move of it
         against this machine's monotonic clock (NTP on its host, or this machine suspended)
         is said and counted as a step (`watch`), and this machine's wall clock is said when it
         is CLOCK_SKEW or more off it (`SkewNotice`). Never raises: a failed reading is tried
         again at the next pass; warned of once while the store is on this machine's clock (no
         reading yet), else the last reading holds. Without `watch_clocks` (a test's clock,
-        which jumps, stands for the server's too), it is not read."""
+        which jumps, stands for the server's too), it is not read. `within`: waited for that
+        long at most (serve --listen reads it before it serves, its requests and signals unread
+        meanwhile): a server that does not answer by then is said, and read at each sweep."""
         store = self.store
         if not self._watch_clocks:
             return
-        try:
-            moved = await store.read_server_clock()
-        except Exception as exc:  # noqa: BLE001 (a reading: never a reason for a sweep to stop)
-            self._failed(exc)
+        first = store.server_offset is None
+        moved = await self.reading.read(within)
+        if moved is None:  # SQLite, or not read
             return
-        if moved is None:  # SQLite
-            return
-        first, self._read = not self._read, True
-        if self._warned:
-            self._warned = False
-            log.info("the clock of the job store's server is read again: this coordinator"
-                     " keeps to it")  # fmt: skip
         self._moved += moved
         if not first and abs(moved) >= OFFSET_TOLERANCE:
             way = "forward" if moved > 0 else "back"
@@ -100,41 +152,7 @@ class ServerClock:
         if first and abs(skew) < OFFSET_TOLERANCE:
             log.debug("keeping to the job store's server's clock (this one is %.3f s %s it)",
                       abs(skew), "ahead of" if skew > 0 else "behind")  # fmt: skip
-        self._notice.read(skew, store.store.where)
-
-    async def read_before_serving(self, within: float) -> None:
-        """`read_server`, waited for `within` s at most (serve --listen reads it before it
-        serves, its requests and signals unread meanwhile): a server that does not answer by
-        then is said, and read at each sweep until a reading works."""
-        with trio.move_on_after(within) as waited:
-            await self.read_server()
-        if waited.cancelled_caught:
-            self._warned = True
-            log.warning(
-                "the job store's PostgreSQL server (%s) did not answer within %g s when its"
-                " clock was read: this process serves on a clock that may be off the server's,"
-                " which the other coordinators keep to, until a sweep reads it (at each one"
-                " until that works; a line says when)",
-                self.store.store.where, within,
-            )  # fmt: skip
-
-    def _failed(self, exc: Exception) -> None:
-        """A reading failed: tried again at the next pass. Before any worked, this coordinator
-        stamps on this machine's clock, which may be off the server's (said once); after, on
-        the last reading, advanced by the monotonic clock."""
-        where = self.store.store.where
-        if self._read or self._warned:
-            log.debug("cannot read the clock of the store %s: %s", where, exc)
-            return
-        self._warned = True
-        log.warning(
-            "cannot read the clock of the job store's PostgreSQL server (%s): %s; this"
-            " coordinator stamps heartbeats and sweeps on this machine's clock, which may be off"
-            " the server's, which the other coordinators keep to: a job heartbeated through them"
-            " may be taken back early, a silent one late; it is read again at each sweep, and a"
-            " line says when that works",
-            where, exc,
-        )  # fmt: skip
+        self.reading.notice.read(skew, store.store.where)
 
     def watch(
         self, last: tuple[float, float, float] | None, every: float, paused_at: float | None = None

@@ -33,7 +33,7 @@ from ..jobs.manager_config import ManagerConfig, read_settings
 from ..jobs.outage import Outage
 from ..jobs.paths import StoreMap, job_input
 from ..jobs.store import JobStore, StoreError, StoreLost, StoreTakesNoWrites, TrioJobStore
-from ..jobs.trio_store import CLOCK_SKEW, SkewNotice
+from ..jobs.trio_store import CLOCK_SKEW
 from ..tasks import (
     Output,
     Task,
@@ -45,6 +45,7 @@ from ..tasks import (
     task_problem,
 )
 from ..threads import NoThreadError, run_in_thread
+from .coordinator_clock import ClockReading
 from .serve import SERVE_CONNECT_TIMEOUT, replay_held_signals
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
 from .signals import stop_signals
@@ -73,6 +74,10 @@ _PRODUCER_KEEPS_TO_IT = (
     " (deadline_after, serve's --deadline-after, prove's --deadline SECONDS) are on it, so no"
     " job is cancelled early for it; but a deadline given as a unix time (a request's, submit's"
     " `deadline`, prove's --deadline ISO-TIME) is read on the server's clock as it is"
+)
+_PRODUCER_UNREAD = (
+    "this producer gives deadlines on this machine's clock, which may be off the server's, which"
+    " the coordinators keep to, until a reading works (tried at each poll; a line says when)"
 )
 
 #: The effects after which a job may be done: a producer's wait looks at it again.
@@ -267,47 +272,23 @@ class JobProducer:
         if not self.store.store.is_postgresql:
             task_status.started()
             return
-        notice = SkewNotice(log, _PRODUCER_KEEPS_TO_IT)
-        said = [False]  # a failed reading was warned of (once while no reading worked)
-        with trio.move_on_after(SERVE_CONNECT_TIMEOUT) as waited:
-            await self._read_clock(notice, said)
-        if waited.cancelled_caught:
-            self._clock_unread(f"no answer within {SERVE_CONNECT_TIMEOUT:g} s", said)
+        reading = ClockReading(self.store, log, "producer", keeps_to_it=_PRODUCER_KEEPS_TO_IT,
+                               unread=_PRODUCER_UNREAD)  # fmt: skip
+        await self._read_clock(reading, SERVE_CONNECT_TIMEOUT)
         task_status.started()
         while True:
             await trio.sleep(self.limits.poll_interval)
-            await self._read_clock(notice, said)
+            await self._read_clock(reading)
 
-    async def _read_clock(self, notice: SkewNotice, said: list[bool]) -> None:
-        where, first = self.store.store.where, self.store.server_offset is None
-        try:
-            moved = await self.store.read_server_clock()
-        except Exception as exc:  # noqa: BLE001 (a reading: never a reason to stop serving)
-            self._clock_unread(str(exc), said)
+    async def _read_clock(self, reading: ClockReading, within: float | None = None) -> None:
+        first = self.store.server_offset is None
+        if (moved := await reading.read(within)) is None:
             return
-        if said[0]:
-            said[0] = False
-            log.info("the clock of the job store's server is read again: this producer keeps to it")
-        elif not first and moved is not None and abs(moved) >= CLOCK_SKEW:
+        where = self.store.store.where
+        if not first and abs(moved) >= CLOCK_SKEW:
             log.info("the clock of the job store's server (%s) moved %.1f s since it was last"
                      " read: this producer keeps to it", where, moved)  # fmt: skip
-        notice.read(self.store.wall_skew(), where)
-
-    def _clock_unread(self, why: str, said: list[bool]) -> None:
-        """The server's clock could not be read: said once while the store follows this
-        machine's clock (no reading worked), else the last reading holds."""
-        where = self.store.store.where
-        if said[0] or self.store.server_offset is not None:
-            log.debug("cannot read the clock of the store %s: %s", where, why)
-            return
-        said[0] = True
-        log.warning(
-            "cannot read the clock of the job store's PostgreSQL server (%s): %s; this producer"
-            " gives deadlines on this machine's clock, which may be off the server's, which the"
-            " coordinators keep to, until a reading works (tried at each poll; a line says"
-            " when)",
-            where, why,
-        )  # fmt: skip
+        reading.notice.read(self.store.wall_skew(), where)
 
     async def watch_store_file(self) -> None:
         """Until cancelled, or its SQLite store is lost: whether the store's file is still the
@@ -568,7 +549,7 @@ async def run_producer(
                 if coordinator is not None:
                     # On the server's clock before a job is made, given out or heartbeated
                     # here: its sweeps, begun after it serves, were the only reading.
-                    await coordinator[0].server_clock.read_before_serving(SERVE_CONNECT_TIMEOUT)
+                    await coordinator[0].server_clock.read_server(SERVE_CONNECT_TIMEOUT)
                 producer.start_watches(nursery)
                 if coordinator is None:  # on the server's clock before a job is made
                     await nursery.start(producer.watch_clock)
