@@ -92,26 +92,23 @@ async def test_serve_names_the_faulty_sectors_and_why_on_its_stderr(tmp_path, st
     ) in log, log
 
 
-def test_the_faults_note_is_dropped_while_any_front_end_that_says_them_itself_runs(caplog):
-    # Two front ends in one process (two workers, a worker and prove): the first to end must
-    # not bring the supervisor's note back while the other still says its faults itself.
-    from damocles_ext.lifecycle import Note
-    from damocles_ext.supervisor.effect_log import faults_said_elsewhere, log_note
-
+async def test_the_faults_note_is_dropped_only_by_a_supervisor_whose_front_end_says_them(
+    tmp_path, caplog
+):
+    # Two supervisors in one process (a worker, and an API user's own): the worker's says a
+    # job's faults on its own line, the other's note must still be logged. (A switch for the
+    # whole process dropped both.)
     caplog.set_level(logging.INFO, "damocles_ext.supervisor")
-    note = Note("warning", "request 7 (window_post): 2 faulty sectors", None, None, 7, 2)
-    other = Note("warning", "something else", None, None, 7)
-
-    def said() -> list[str]:
-        messages = [r.getMessage() for r in caplog.records]
-        caplog.clear()
-        return messages
-
-    with faults_said_elsewhere():
-        with faults_said_elsewhere():
-            log_note(note, {})
-        log_note(note, {})
-        log_note(other, {})
-        assert said() == ["something else"]
-    log_note(note, {})
-    assert said() == ["request 7 (window_post): 2 faulty sectors"]
+    task, lost, mismatched, _ = a_lost_and_a_mismatched_sector(tmp_path)
+    child = [spec(builtin_child("window_post", "python-ref"))]
+    async with (
+        open_supervisor(child, faults_said_elsewhere=True) as quiet,
+        open_supervisor(child) as plain,
+    ):
+        for sup in (quiet, plain):
+            await sup.wait_ready("window_post")
+            output = await sup.submit(task, deadline=time.time() + 60)
+            assert output.faults == [lost, mismatched]
+        pids = {s: s.statistics().children[0].pid for s in (quiet, plain)}
+    [note] = [r for r in caplog.records if getattr(r, "faults", None) is not None]
+    assert note.faults == 2 and note.pid == pids[plain] != pids[quiet], note.__dict__

@@ -151,6 +151,22 @@ async def test_a_front_end_request_wakes_the_reader_off_the_pipe(mock_clock):
         assert who(answers[0][0])[0] == 5 and answers[0][1] is None
 
 
+async def test_a_front_ends_requests_keep_the_reader_on_the_pipe(mock_clock):
+    # No caller of submit reads their answers: the reader stays on the pipe rather than being
+    # woken off it at each request; a caller's request then has it leave the pipe again.
+    async with warmed([spec(CHILD)]) as sup:
+        p = process(sup)
+        got: list = []
+        for n, miner in enumerate((5, 6), 1):
+            sup.start_nowait(window_task(miner=miner), on_done=lambda out, _: got.append(out))
+            await wait_until_real(lambda: len(got) == n, what="the answer")  # noqa: B023
+            assert who(got[-1])[0] == miner
+            await trio.testing.wait_all_tasks_blocked()
+            assert not p.turn.off
+        assert who(await sup.submit(window_task(miner=8)))[0] == 8
+        await wait_until_real(lambda: p.turn.off, what="the reader off the pipe")
+
+
 async def test_a_caller_answered_elsewhere_while_it_reads_is_woken_and_the_reader_takes_over(
     mock_clock,
 ):

@@ -265,10 +265,8 @@ def _prove(args: argparse.Namespace) -> tuple[Output, Path | None]:
             plugin_manager = get_plugin_manager()
             check_startable(config, children, plugin_manager=plugin_manager)
             from damocles_ext.frontends.prove import prove_in_process
-            from damocles_ext.supervisor.effect_log import faults_said_elsewhere
 
-            # Its faults are said on prove's own line (_emit): the supervisor's note is dropped.
-            with _one_line_errors(), faults_said_elsewhere():
+            with _one_line_errors():
                 output = prove_in_process(
                     children,
                     task,

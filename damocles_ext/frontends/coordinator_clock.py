@@ -48,7 +48,7 @@ _UNANSWERED = (
 )
 
 
-class ClockReading:
+class ServerClockReader:
     """Readings of a job store's PostgreSQL server's clock (`TrioJobStore.read_server_clock`),
     which keep the store on it, for a coordinator's sweeps (`ServerClock`) and a producer's polls
     alike: a failed one is warned of once while the store is on this machine's clock (no reading
@@ -112,7 +112,7 @@ class ServerClock:
         self.hearing = hearing
         self._monotonic = monotonic
         self._watch_clocks = watch_clocks
-        self.reading = ClockReading(store, log, "coordinator", keeps_to_it=_KEEPS_TO_IT,
+        self.reading = ServerClockReader(store, log, "coordinator", keeps_to_it=_KEEPS_TO_IT,
                                     unread=_UNREAD, unanswered=_UNANSWERED)  # fmt: skip
         # Seconds the store's clock moved at the readings since the last `watch`: a step.
         self._moved = 0.0

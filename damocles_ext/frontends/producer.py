@@ -45,7 +45,7 @@ from ..tasks import (
     task_problem,
 )
 from ..threads import NoThreadError, run_in_thread
-from .coordinator_clock import ClockReading
+from .coordinator_clock import ServerClockReader
 from .serve import SERVE_CONNECT_TIMEOUT, replay_held_signals
 from .serve_jsonl import InFlight, StopReasons, log_stopped, serve_draining
 from .signals import stop_signals
@@ -114,16 +114,12 @@ class JobProducer:
         stores: StoreMap,
         *,
         deadline_after: float | None = None,
-        clock: Callable[[], float] | None = None,
         file_check_every: float = FILE_CHECK_EVERY,
     ) -> None:
         self.store = store
         self.stores = stores
         self.deadline_after = deadline_after
         self.file_check_every = file_check_every  # how often watch_store_file looks
-        #: The clock of the deadlines given here: the store's (its PostgreSQL server's once
-        #: `watch_clock` read it), or a test's.
-        self.clock = store.clock if clock is None else clock
         self.in_flight = InFlight()
         # One event per job id waited for, set (and dropped) by wake(); several requests for one
         # job share it, and the last of them to stop waiting drops it (`_waiting` counts them).
@@ -250,6 +246,12 @@ class JobProducer:
 
         return JobListener.of_store(self.store.store, self.wake, self.wake_all)
 
+    @property
+    def clock(self) -> Callable[[], float]:
+        """The clock of the deadlines given here: its store's (its PostgreSQL server's once
+        `watch_clock` read it, or a coordinator's in this process)."""
+        return self.store.clock
+
     def start_watches(self, nursery: trio.Nursery) -> None:
         """Start in `nursery` what tells this producer of its store with no request in flight:
         the LISTEN/NOTIFY listener (PostgreSQL) and the check of its file (SQLite), every
@@ -272,7 +274,7 @@ class JobProducer:
         if not self.store.store.is_postgresql:
             task_status.started()
             return
-        reading = ClockReading(self.store, log, "producer", keeps_to_it=_PRODUCER_KEEPS_TO_IT,
+        reading = ServerClockReader(self.store, log, "producer", keeps_to_it=_PRODUCER_KEEPS_TO_IT,
                                unread=_PRODUCER_UNREAD)  # fmt: skip
         await self._read_clock(reading, SERVE_CONNECT_TIMEOUT)
         task_status.started()
@@ -280,7 +282,7 @@ class JobProducer:
             await trio.sleep(self.limits.poll_interval)
             await self._read_clock(reading)
 
-    async def _read_clock(self, reading: ClockReading, within: float | None = None) -> None:
+    async def _read_clock(self, reading: ServerClockReader, within: float | None = None) -> None:
         first = self.store.server_offset is None
         if (moved := await reading.read(within)) is None:
             return

@@ -45,7 +45,9 @@ def prove_in_process(
     priority: int = 0,
     on_progress: Callable[[Progress], None] | None = None,
 ) -> Output:
-    """Start `children`, prove `task` on them, stop them; ProverError when there is no proof."""
+    """Start `children`, prove `task` on them, stop them; ProverError when there is no proof.
+    Its faults are for the caller to say (prove's own line): the supervisor's note of them is
+    not logged."""
     return trio.run(
         _prove_embedded, children, task, deadline, priority, on_progress, plugin_manager
     )
@@ -76,7 +78,9 @@ async def _prove_embedded(
     # A prover that cannot load with this config is said at once (exit code 2), not after the
     # restarts' backoff; a child that crashes as it starts is retried as `run` would.
     backoff = BackoffPolicy(give_up_when_refused=True)
-    async with open_supervisor(children, plugin_manager=plugin_manager, backoff=backoff) as sup:
+    async with open_supervisor(
+        children, plugin_manager=plugin_manager, backoff=backoff, faults_said_elsewhere=True
+    ) as sup:
         try:
             return await sup.submit(
                 task, deadline=deadline, priority=priority, on_progress=on_progress

@@ -248,7 +248,7 @@ def serve_jobs(
             # deadline or retry (on this machine's clock behind the server's, such a sweep
             # found the deadline not passed, did nothing, and the job waited for the
             # coordinator's next sweep).
-            producer.clock = producer.store.clock = rpc.store.clock
+            producer.store.clock = rpc.store.clock
             coordinator = (rpc, CoordinatorServer(rpc, *listen, token=token, sock=listening))
         protocol_in, protocol_out = fds
         hold_stop_signals()

@@ -63,7 +63,6 @@ from ..jobs.worker_rules import (
     runnable_capacity,
 )
 from ..stages import child_stages
-from ..supervisor.effect_log import faults_said_elsewhere
 from .worker_beats import heartbeat_forever
 from .worker_jobs import deliver, proof_of
 from .worker_ping import manager_offset, ping_forever
@@ -183,12 +182,6 @@ class Worker:
 
         Raises UsageError (exit 2) for what the operator must fix: a bad address, a store the
         manager does not know, a refused token."""
-        # A job's faults are said on its own line (its id, the sectors): not a second time by
-        # the supervisor's note of the request that proved it.
-        with faults_said_elsewhere():
-            await self._run(task_status)
-
-    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         try:
             endpoint = self.settings.endpoint
         except ValueError as exc:
@@ -226,7 +219,10 @@ class Worker:
                 task_status.started()  # and returns at once: run_worker sees it done
                 return
             log.info("worker %r pulls WindowPoSt jobs from %s", self.name, calls.url)
-            sup_options = {"shutdown_grace": self.settings.shutdown_grace, **self._sup_options}
+            # A job's faults are said on its own line (its id, the sectors): not a second time
+            # by the supervisor's note of the request that proved it.
+            sup_options = {"shutdown_grace": self.settings.shutdown_grace,
+                           "faults_said_elsewhere": True, **self._sup_options}  # fmt: skip
             sup_options.setdefault("plugin_manager", self.pm)
             async with open_supervisor(list(self.settings.children), **sup_options) as sup:
                 self._sup = sup

@@ -34,6 +34,7 @@ from ..errors import DextError
 from ..logs import one_line
 from ..threads import no_thread
 from .endpoint import Endpoint, parse_endpoint
+from .silence import SLOW_CALL
 
 DEFAULT_TIMEOUT = 30.0
 #: An answer larger than this is refused: `Venus.WdPoStAllJobs` of a busy store is the largest.
@@ -132,8 +133,8 @@ WORKER_PROVER_RPC = (
 #: `stuck_hint`): the server itself, or what it waits on (a coordinator's job store that stalls).
 WORKER_PROVER_STUCK = (
     "check that the server is not overloaded or stuck; a damocles-ext coordinator may be waiting"
-    " on its job store (its log warns of a store call that has waited 5 s): then check the"
-    " database"
+    f" on its job store (its log warns of a store call that has waited {SLOW_CALL:g} s): then"
+    " check the database"
 )
 #: The same for any other RPC server.
 SERVER_STUCK = "check that the server is not overloaded or stuck"

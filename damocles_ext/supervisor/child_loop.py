@@ -150,9 +150,9 @@ class Process:
 async def read(host: ChildHost, child: Child, p: Process) -> None:
     """Read `p`'s stdout and act on it, as its reader task, until EOF or a protocol error.
 
-    It stays in wait_readable while anything is in flight; with nothing in flight it leaves
-    the pipe a while, for a caller to read its own answer (pipe_turns). Plain os.read on the
-    non-blocking pipe: FdStream's receive_some yields after every successful read (a whole
+    It stays in wait_readable while anything is in flight; idle after a `submit` caller's
+    request, it leaves the pipe a while, for a caller to read its own answer (pipe_turns).
+    Plain os.read on the non-blocking pipe: FdStream's receive_some yields after every read (a
     loop iteration more per answer); a read shorter than asked emptied the pipe, so the next
     one waits for the pipe first instead of failing with EAGAIN.
     """
@@ -163,7 +163,7 @@ async def read(host: ChildHost, child: Child, p: Process) -> None:
         while not p.read_ended:
             if wait:
                 unyielded = 0
-                if p.down_reason is None and not host.book.in_flight(child.name):
+                if p.turn.wanted and p.down_reason is None and not host.book.in_flight(child.name):
                     await off_the_pipe(p)  # a caller may read its own answer (pipe_turns)
                     if p.read_ended:
                         break

@@ -116,6 +116,7 @@ class Supervisor:
         backoff: BackoffPolicy | None = None,
         adopt_orphans: bool = False,
         inline_observers: Sequence[object] = (),  # called as events happen (Observers)
+        faults_said_elsewhere: bool = False,
     ) -> None:
         specs = coerce_children(config)
         stages = check_arguments(stages, shutdown_grace=shutdown_grace, stop_timeout=stop_timeout)
@@ -171,6 +172,9 @@ class Supervisor:
         self._run_began = trio.Event()
         self._finished = False
         self._observers = Observers(plugin_manager, inline_observers)
+        # A front end that says a request's faults on a line of its own (a worker's job,
+        # prove's output): the book's note of them is not logged (log_note), only its others.
+        self._faults_said_elsewhere = faults_said_elsewhere
         self._guardian: GroupGuardian | None = None
         # adopt_orphans: become a child subreaper and kill what children leave behind outside
         # their process group (orphans.OrphanAdopter); for a process of our own (serve, run).
@@ -520,7 +524,9 @@ class Supervisor:
                 elif isinstance(effect, ReportProgress):
                     if (waiter := self._waiters.get(effect.request.rid)) is not None:
                         waiter.progress(effect.phase, effect.done, effect.total)
-                elif isinstance(effect, Note):
+                elif isinstance(effect, Note) and not (
+                    effect.faults is not None and self._faults_said_elsewhere
+                ):
                     log_note(effect, self._children)
             except Exception:  # a bug of ours: the effects after it (answers too) still go
                 log.exception("internal error carrying out %s; going on", type(effect).__name__)
@@ -542,7 +548,8 @@ class Supervisor:
             self._tell(self._book.unsendable, child.name, effect.child_rid, now, data)
             return
         self._write(child, p, data)
-        if p.turn.off and req.rid != self._claiming:
+        p.turn.wanted = claimable = req.rid == self._claiming
+        if p.turn.off and not claimable:
             wake_reader(p)  # its reader is off the pipe and no caller reads this (pipe_turns)
         waiter = self._waiters.get(req.rid)
         if waiter is not None and waiter.on_dispatch is not None:

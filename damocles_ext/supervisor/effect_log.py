@@ -8,9 +8,8 @@ Built only for a record that is logged: a request that goes well makes none of t
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,26 +39,10 @@ def log_retry(effect: Retry, children: Mapping[str, Child]) -> None:
     )
 
 
-_faults_said_elsewhere = 0  # the front ends within faults_said_elsewhere()
-
-
-@contextlib.contextmanager
-def faults_said_elsewhere() -> Iterator[None]:
-    """Within: the note of a request answered with faulty sectors is not logged. A front end
-    that says them on a line of its own (a worker's job, prove's output) would have them said
-    twice; the prover's own lines, with each sector's reason, still are."""
-    global _faults_said_elsewhere
-    _faults_said_elsewhere += 1
-    try:
-        yield
-    finally:
-        _faults_said_elsewhere -= 1
-
-
 def log_note(effect: Note, children: Mapping[str, Child]) -> None:
     """The note's message, with the fields of the child it is about (its process: `pid`)."""
     level = logging.getLevelName(effect.level.upper())
-    if not log.isEnabledFor(level) or (effect.faults is not None and _faults_said_elsewhere):
+    if not log.isEnabledFor(level):
         return
     fields = _child_fields(effect.child, effect.pid, children)
     if effect.request_id is not None:

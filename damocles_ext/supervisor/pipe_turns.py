@@ -5,7 +5,9 @@ one wait for I/O per answer; the reader task reading the answer and waking the c
 of each (bench_supervisor: `TrioDirect` against `TrioDispatcher`, and the API one at a time).
 But trio lets one task at a time wait on a descriptor, and moving the reader off it per request
 (`notify_closing`) costs more than it saves. So the reader task leaves the pipe of its own
-accord when nothing is in flight on its child, for `LINGER` after the last answer at most:
+accord when nothing is in flight on its child and the last request sent it was a `submit`
+caller's (`PipeTurn.wanted`; a front end's requests leave it on the pipe), for `LINGER` after
+the last answer at most:
 
 * A request `submit` sends to a child whose reader is off the pipe, with no caller on it, is
   *claimed*: its caller reads the pipe in its own task (`read_own`) until it is answered, acting
@@ -55,9 +57,12 @@ _READS_IN_A_ROW = 16  # then a wait (a checkpoint): a child that floods us starv
 class PipeTurn:
     """A process's stdout: whether its reader is off it, and whether a caller reads it."""
 
-    __slots__ = ("caller", "linger", "off", "released_at", "wake")
+    __slots__ = ("caller", "linger", "off", "released_at", "wake", "wanted")
 
     def __init__(self) -> None:
+        #: The last request sent was a `submit` caller's, who may read its answer: only then
+        #: does the reader leave the pipe (a front end's request wakes it off the pipe each time).
+        self.wanted = False
         self.off = False  # the reader task is off the pipe (in `off_the_pipe`)
         self.caller: Waiter | None = None  # the caller that reads it (`read_own`), if one
         self.wake: Parked | None = None  # the reader's, while off: set, it takes the pipe
