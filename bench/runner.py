@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from damocles_ext.compiled import how_they_run
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -30,6 +32,8 @@ def machine_info() -> dict:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
+        # The request book and the scheduler ran compiled, or why their sources ran instead.
+        "compiled_modules": how_they_run(),
     }
 
 

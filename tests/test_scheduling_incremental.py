@@ -428,9 +428,17 @@ def test_a_submit_behind_an_undecided_queue_still_gets_its_stage_decided():
     assert [d.request_id for d in decisions if isinstance(d, Start)] == [1, 2]
 
 
-def test_an_untouched_stage_is_not_decided_again(monkeypatch):
+def test_an_untouched_stage_is_not_decided_again():
     # A stage whose children are all busy: a new job elsewhere does not look at it again.
-    s = Scheduler()
+    picks: list[str] | None = None
+
+    class Picking(Scheduler):  # (a subclass: the compiled scheduler calls _pick natively)
+        def _pick(self, stage, *args):
+            if picks is not None:
+                picks.append(stage)
+            return super()._pick(stage, *args)
+
+    s = Picking()
     for c in NO_LOCKS:
         s.add_child(c)
         s.child_ready(c.child_id, 0.0)
@@ -438,12 +446,6 @@ def test_an_untouched_stage_is_not_decided_again(monkeypatch):
         s.submit(Job(rid, WD, 0.0), 0.0)
     assert len(s.decide(0.0)) == 3  # wd0 takes 2, wd1 takes 1; job 3 waits
     picks = []
-    original = Scheduler._pick
-    monkeypatch.setattr(
-        Scheduler,
-        "_pick",
-        lambda self, stage, *args: picks.append(stage) or original(self, stage, *args),
-    )
     s.submit(Job(10, WIN, 0.0), 0.0)
     assert [d.request_id for d in s.decide(0.0)] == [10]
     assert picks == [WIN]
@@ -483,20 +485,36 @@ def test_the_scheduler_keeps_its_attributes_in_slots():
         s.new_attribute = 1  # type: ignore[attr-defined]
 
 
-def test_deadlines_not_yet_due_leave_every_stage_undecided_until_one_is(monkeypatch):
+class LookingQueues(JobQueues):
+    """The scheduler's queues, saying when it looks at the head of one (once `looked` is set).
+    (A subclass, not a patch of JobQueues: the compiled scheduler calls its methods natively.)"""
+
+    looked: list[str] | None = None
+
+    def peek(self, queue):
+        if self.looked is not None:
+            self.looked.append("peek")
+        return super().peek(queue)
+
+
+def looking_queues(s: Scheduler) -> LookingQueues:
+    """`s`, new, with LookingQueues for its queues (and the views of them it keeps)."""
+    s._queues = queues = LookingQueues()
+    s._queued, s._queue_len = queues.queued, queues.length
+    return queues
+
+
+def test_deadlines_not_yet_due_leave_every_stage_undecided_until_one_is():
     # Deadlines of running and of queued jobs: a decision before any of them is due looks at
     # no stage; at the first, it does (and cancels or fails what is due).
     s = Scheduler()
+    queues = looking_queues(s)
     s.add_child(ChildSlots("wd0", WD, 1, 1))
     s.child_ready("wd0", 0.0)
     s.submit(Job(1, WD, 0.0, deadline=100.0), 0.0)
     s.submit(Job(2, WD, 0.0, deadline=50.0), 0.0)
     assert s.decide(0.0) == [Start(2, "wd0")]  # earliest deadline first
-    looked: list[str] = []
-    original = JobQueues.peek
-    monkeypatch.setattr(
-        JobQueues, "peek", lambda self, q: looked.append("peek") or original(self, q)
-    )
+    queues.looked = looked = []
     assert s.decide(10.0) == [] and s.decide(49.9) == []
     assert looked == []
     [cancel] = s.decide(50.0)  # the running job's deadline
@@ -510,21 +528,16 @@ def test_deadlines_not_yet_due_leave_every_stage_undecided_until_one_is(monkeypa
     assert isinstance(fail, Fail) and fail.request_id == 3
 
 
-def test_a_job_queued_behind_keeps_the_next_wakeup_known_unless_its_deadline_is_sooner(
-    monkeypatch,
-):
+def test_a_job_queued_behind_keeps_the_next_wakeup_known_unless_its_deadline_is_sooner():
     s = Scheduler()
+    queues = looking_queues(s)
     s.add_child(ChildSlots("wd0", WD, 1, 1))
     s.child_ready("wd0", 0.0)
     s.submit(Job(1, WD, 0.0, deadline=100.0), 0.0)
     s.submit(Job(2, WD, 0.0, deadline=300.0), 0.0)
     assert s.decide(0.0) == [Start(1, "wd0")]
     assert s.next_wakeup() == 100.0
-    looked: list[str] = []
-    original = JobQueues.peek
-    monkeypatch.setattr(
-        JobQueues, "peek", lambda self, q: looked.append("peek") or original(self, q)
-    )
+    queues.looked = looked = []
     assert s.submit(Job(3, WD, 1.0, deadline=200.0), 1.0) is False  # behind, nothing to decide
     assert s.next_wakeup() == 100.0
     s.remove(1)  # the running job goes: the wakeup is looked for again

@@ -6,8 +6,7 @@ it and carries the effects out. See `book` for the rules.
 
 from .book import RequestBook
 from .effects import Effect, Kill, Note, ReportProgress, Resolve, Retry, Send, SendCancel
-from .records import Attempt, ChildLimits, TrackedRequest
-from .rules import UnknownChild
+from .records import Attempt, ChildLimits, TrackedRequest, UnknownChild
 
 __all__ = [
     "Attempt",

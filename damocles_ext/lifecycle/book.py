@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from mypy_extensions import mypyc_attr
+
 from ..scheduling.children import cannot_serve
 from ..scheduling.policy import ChildSlots
 from ..tasks import OUTPUTS_WITH_FAULTS, Output, Task, output_problem, stage_of
@@ -54,6 +56,7 @@ from .records import (
 from .rules import BookRules
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (tests derive from it)
 class RequestBook(BookRules):
     """Requests, their attempts and the children they run on; see the module's docstring."""
 

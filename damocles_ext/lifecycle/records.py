@@ -17,6 +17,10 @@ from .deadlines import Alarm
 DEXT = "dext"
 
 
+class UnknownChild(KeyError):
+    """An event named a child the book was not given (`add_child`): a bug of the caller."""
+
+
 @dataclass(frozen=True, slots=True)
 class ChildLimits:
     """A child's request rules, in seconds; 0 turns a timeout off."""

@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+from mypy_extensions import mypyc_attr
+
 from ..scheduling.policy import (
     NOT_SENT,
     URGENT,
@@ -40,6 +42,7 @@ from .records import (
     RequestTimeout,
     StdinWatch,
     TrackedRequest,
+    UnknownChild,
 )
 
 #: A WinningPoSt's error that no other child can give a second opinion on runs again where
@@ -58,10 +61,7 @@ WINNING_RETRY_WITHIN = 14.0
 UNREAD_WAIT = 0.1
 
 
-class UnknownChild(KeyError):
-    """An event named a child the book was not given (`add_child`): a bug of the caller."""
-
-
+@mypyc_attr(allow_interpreted_subclasses=True)  # (tests derive from it)
 class BookRules:
     """The request book's state and the rules that change it (see `book.RequestBook`)."""
 

@@ -56,6 +56,8 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from . import doomed
 from .breaker import ChildBreaker
 from .children import (
@@ -112,6 +114,7 @@ URGENT = "winning_post"
 NOT_SENT = "; it was not sent to a prover"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (tests derive from it)
 class Scheduler:
     """The dispatch policy: feed it events, call `decide(now)`, act on what it returns.
 

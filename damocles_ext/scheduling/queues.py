@@ -17,6 +17,8 @@ import itertools
 import math
 from collections import deque
 
+from mypy_extensions import mypyc_attr
+
 from .decisions import Job
 
 FRESH, RETRY = 1, 0  # retries sort first among equal deadline and priority
@@ -35,6 +37,7 @@ class StageQueue:
         self.last_arrival = -math.inf  # of the latest job in the fifo lane
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # (tests derive from it)
 class JobQueues:
     """The stages' queues and what the policy asks of them at once: is a job queued, how many
     wait per stage, how many of them have a deadline."""
