@@ -24,7 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 
-#: Compiled by setup.py, as one group (their shared library is damocles_ext.compiled__mypyc).
+#: Compiled by setup.py, as one group: their code is in one shared library (`SHARED`), which
+#: each module's own extension (a small shim) loads.
 COMPILED = (
     "damocles_ext.lifecycle.book",
     "damocles_ext.lifecycle.rules",
@@ -33,6 +34,7 @@ COMPILED = (
     "damocles_ext.scheduling.policy",
     "damocles_ext.scheduling.queues",
 )
+SHARED = "damocles_ext.compiled__mypyc"
 #: Set to anything but "" or "0": the sources run (at build time: nothing is compiled).
 PURE_ENV = "DAMOCLES_EXT_PURE"
 #: A source this much newer than its extension is one edited since the build (files written by
@@ -48,9 +50,9 @@ def source_path(name: str, package: Path = _PACKAGE) -> Path:
 
 
 def extension_path(name: str, package: Path = _PACKAGE) -> Path | None:
-    """The compiled extension of module `name` beside its source, None if none was built."""
-    src = source_path(name, package)
-    stem = src.with_suffix("")
+    """The compiled extension of module `name` (or SHARED) beside its source, None if none
+    was built."""
+    stem = source_path(name, package).with_suffix("")
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         ext = stem.with_name(stem.name + suffix)
         if ext.exists():
@@ -63,14 +65,18 @@ def why_sources(package: Path = _PACKAGE, environ: Mapping[str, str] = os.enviro
     extensions run (or none was built, and the sources run as any other module's)."""
     if environ.get(PURE_ENV, "") not in ("", "0"):
         return f"{PURE_ENV} is set"
-    built = {name: extension_path(name, package) for name in COMPILED}
+    built = {name: extension_path(name, package) for name in (*COMPILED, SHARED)}
     if not any(built.values()):
         return None
+    if (shared := built.pop(SHARED)) is None:
+        return "the build is incomplete: the compiled modules' shared library is missing"
     for name, ext in built.items():
         src = source_path(name, package)
         if ext is None:
             return f"the build is incomplete: {src.name} has no compiled extension"
-        if src.stat().st_mtime > ext.stat().st_mtime + EDITED_AFTER:
+        # A build that compiled the code again may leave a module's shim as it was.
+        built_at = max(ext.stat().st_mtime, shared.stat().st_mtime)
+        if src.stat().st_mtime > built_at + EDITED_AFTER:
             return f"{src} was edited after it was compiled"
     return None
 

@@ -77,6 +77,11 @@ def make_tree(tmp_path: Path, built: tuple[str, ...] = COMPILED) -> Path:
     """A package directory with the sources of COMPILED and extensions of `built`, the
     extensions written after the sources (as a build does)."""
     then = time.time() - 100
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    if built:
+        shared = compiled.source_path(compiled.SHARED, tmp_path).with_suffix(SUFFIX)
+        shared.write_bytes(b"")
+        os.utime(shared, (then + 1, then + 1))
     for name in COMPILED:
         src = compiled.source_path(name, tmp_path)
         src.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +107,15 @@ def test_the_extensions_run_unless_a_source_is_newer_the_build_incomplete_or_ask
     edited = compiled.source_path("damocles_ext.scheduling.policy", tree)
     os.utime(edited, (time.time(), time.time()))
     assert why_sources(tree, {}) == f"{edited} was edited after it was compiled"
+    # Built again: the code is in the shared library, rebuilt; a shim may be left as it was.
+    shared = compiled.extension_path(compiled.SHARED, tree)
+    assert shared is not None
+    os.utime(shared, (time.time() + 1, time.time() + 1))
+    assert why_sources(tree, {}) is None
+    shared.unlink()
+    assert why_sources(tree, {}) == (
+        "the build is incomplete: the compiled modules' shared library is missing"
+    )
 
 
 def test_the_sources_run_when_asked_and_serve_as_the_extensions_do():
