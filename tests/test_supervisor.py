@@ -496,6 +496,36 @@ def test_constructor_arguments_a_caller_got_wrong_are_refused_at_once(kwargs, pr
     assert str(info.value).startswith(problem)
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "problem"),
+    [
+        ("max_attempts", 2.0, "its max_attempts 2.0 is not a whole number"),
+        ("weight", 2.0, "its weight 2.0 is not a whole number"),
+        ("concurrent", True, "its concurrent True is not a whole number"),
+        ("request_timeout", "5", "its request_timeout '5' is not a number of seconds or None"),
+        ("cancel_grace", None, "its cancel_grace None is not a number of seconds"),
+    ],
+)
+def test_a_child_spec_made_by_hand_with_a_number_of_the_wrong_kind_is_refused(
+    field, value, problem
+):
+    # A ChildSpec is a msgspec Struct, not checked as it is made. Before, the request book took
+    # a MaxAttempts of 2.0 as given and failed on the child's first error answer, an internal
+    # error in the middle of an event; a weight of 2.0 failed deep inside the constructor.
+    with pytest.raises(UsageError) as info:
+        Supervisor([spec(builtin_child(), **{field: value})])
+    assert str(info.value) == f"ChildSpec 'window_post#0': {problem}"
+    made = config.Config(
+        source="<by hand>",
+        children=[spec(builtin_child(), **{field: value})],
+        warnings=[],
+        tmp_root="/tmp",
+    )
+    with pytest.raises(UsageError, match=problem):
+        Supervisor(made)
+    Supervisor([spec(builtin_child(), cancel_grace=1, request_timeout=None)])  # an int is seconds
+
+
 async def test_stages_may_be_any_iterable_of_stage_names():
     # An iterator was read twice, once by the check: no child was kept.
     sup = Supervisor([spec(builtin_child())], stages=(s for s in ["window_post"]))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import msgspec
+
 from ..config import ChildSpec, Config
 from ..errors import UsageError
 from ..stages import STAGES
@@ -21,11 +23,39 @@ def coerce_children(config: Config | Sequence[ChildSpec]) -> list[ChildSpec]:
                     f"expected a Config or a list of ChildSpec, got a {type(config).__name__}"
                     f" holding {item!r:.80}{hint if isinstance(item, str) else ''}"
                 )
+            check_numbers(item)
         return list(config)
     children = getattr(config, "children", None)
     if children is None:
         raise TypeError(f"expected a Config or a list of ChildSpec, got {type(config).__name__}")
+    for item in children:  # (a Config read from a file is checked; one made by hand is not)
+        check_numbers(item)
     return list(children)
+
+
+#: ChildSpec's fields that are numbers (a whole number, or seconds), as msgspec checks them.
+_NUMBERS = [
+    (f.name, f.type)
+    for f in msgspec.structs.fields(ChildSpec)
+    if f.type in (int, float, int | None, float | None)
+]
+
+
+def check_numbers(spec: ChildSpec) -> None:
+    """UsageError for a ChildSpec built by hand (a msgspec Struct is not checked as it is made)
+    with a number of the wrong kind (a whole number given as 2.0 or True, seconds as "5"): the
+    request book takes them as they are typed (it runs compiled, damocles_ext/compiled.py), and
+    a config file's are checked as it is read."""
+    for name, kind in _NUMBERS:
+        value = getattr(spec, name)
+        try:
+            msgspec.convert(value, kind)
+        except msgspec.ValidationError:
+            what = "a whole number" if kind in (int, int | None) else "a number of seconds"
+            raise UsageError(
+                f"ChildSpec {spec.name!r}: its {name} {value!r} is not {what}"
+                f"{' or None' if kind in (int | None, float | None) else ''}"
+            ) from None
 
 
 def check_arguments(stages: Iterable[str] | None, **seconds: object) -> list[str] | None:
