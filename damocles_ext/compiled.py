@@ -2,22 +2,27 @@
 
 The request book and the scheduler (`COMPILED`: sans-IO, strictly typed, on every request's
 path) are compiled to C extensions by mypyc when the package is built (setup.py): the same
-source, about twice as fast per request (bench/bench_supervisor.py). Python imports an extension
-before a source of the same name, so a source edited after the build would run as its stale
-extension; `use_sources_if_stale`, called as the package is imported, has the sources of all of
-them imported instead when one source is newer than its extension, when the build is incomplete,
-or when DAMOCLES_EXT_PURE is set (to debug or profile them line by line). All or none: compiled
-modules call each other natively, and each build of them goes together.
+source, taking about 40% less CPU (bench/bench_supervisor_ab.py). Python imports an extension
+before a source of the same name, so a source changed after the build would run as its stale
+extension. The build records what it compiled (`RECORD`: each source the compiled modules read,
+theirs and those of the modules they import from the package, with its SHA-256), and
+`use_sources_if_stale`, called as the package is imported, has the sources of all of them
+imported instead when one of those files changed since, when the build is incomplete or left no
+record, or when DAMOCLES_EXT_PURE is set (to debug or profile them line by line). All or none:
+compiled modules call each other natively, and each build of them goes together.
 
-This module imports only the standard library: setup.py reads `COMPILED` from it before the
-package's dependencies are installed.
+This module imports only the standard library: setup.py runs it before the package's
+dependencies are installed.
 """
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -35,29 +40,91 @@ COMPILED = (
     "damocles_ext.scheduling.queues",
 )
 SHARED = "damocles_ext.compiled__mypyc"
+#: Written by the build beside this module once it compiled COMPILED (not in git).
+RECORD = "compiled_sources.json"
 #: Set to anything but "" or "0": the sources run (at build time: nothing is compiled).
 PURE_ENV = "DAMOCLES_EXT_PURE"
-#: A source this much newer than its extension is one edited since the build (files written by
-#: one build or one unpacked wheel are seconds apart at most).
-EDITED_AFTER = 2.0
 
 _PACKAGE = Path(__file__).resolve().parent
 
 
 def source_path(name: str, package: Path = _PACKAGE) -> Path:
-    """The source file of module `name` (one of COMPILED) under the package directory."""
-    return package.joinpath(*name.split(".")[1:]).with_suffix(".py")
+    """The source file of module `name` (of this package) under the package directory."""
+    path = package.joinpath(*name.split(".")[1:])
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def extension_path(name: str, package: Path = _PACKAGE) -> Path | None:
     """The compiled extension of module `name` (or SHARED) beside its source, None if none
     was built."""
-    stem = source_path(name, package).with_suffix("")
+    stem = package.joinpath(*name.split(".")[1:])
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
         ext = stem.with_name(stem.name + suffix)
         if ext.exists():
             return ext
     return None
+
+
+def read_sources(package: Path = _PACKAGE) -> list[Path]:
+    """The sources mypyc reads to compile COMPILED: theirs, and those of every module of the
+    package they import (at any depth, in any function or TYPE_CHECKING block), with the
+    packages' __init__ files on the way; not this module (the package's __init__ imports it,
+    the compiled modules nothing of it)."""
+    root = COMPILED[0].split(".")[0]  # (the package's import name, wherever it lies)
+    seen: set[str] = {f"{root}.compiled"}
+    todo = list(COMPILED)
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # the packages on the way, and the module itself
+            here = ".".join(parts[:i])
+            if here in seen or not source_path(here, package).exists():
+                continue
+            seen.add(here)
+            path = source_path(here, package)
+            is_package = path.name == "__init__.py"
+            for node in ast.walk(ast.parse(path.read_bytes(), str(path))):
+                if isinstance(node, ast.ImportFrom):
+                    base = here.split(".") if is_package else here.split(".")[:-1]
+                    if node.level:
+                        base = base[: len(base) - node.level + 1]
+                        module = ".".join([*base, *([node.module] if node.module else [])])
+                    else:
+                        module = node.module or ""
+                    if module == root or module.startswith(root + "."):
+                        todo.append(module)
+                        todo.extend(f"{module}.{alias.name}" for alias in node.names)
+                elif isinstance(node, ast.Import):
+                    todo.extend(a.name for a in node.names if a.name.startswith(root + "."))
+    seen.discard(f"{root}.compiled")
+    return sorted(source_path(name, package) for name in seen)
+
+
+def fingerprint(package: Path = _PACKAGE) -> dict[str, list[int | str]]:
+    """Each of `read_sources`, by its path in the package: [size, mtime_ns, sha256]."""
+    out: dict[str, list[int | str]] = {}
+    for path in read_sources(package):
+        data, st = path.read_bytes(), path.stat()
+        out[path.relative_to(package).as_posix()] = [
+            st.st_size,
+            st.st_mtime_ns,
+            hashlib.sha256(data).hexdigest(),
+        ]
+    return out
+
+
+def write_record(package: Path, sources: dict[str, list[int | str]] | None) -> None:
+    """What the build compiled (`fingerprint` taken before it read them), once it is built;
+    None: it compiled none of them (PURE_ENV at build time)."""
+    (package / RECORD).write_text(json.dumps({"sources": sources}, indent=1, sort_keys=True))
+
+
+def built_pure(package: Path = _PACKAGE) -> bool:
+    """The last build compiled none of COMPILED, on purpose (PURE_ENV at build time)."""
+    try:
+        return json.loads((package / RECORD).read_text())["sources"] is None
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def why_sources(package: Path = _PACKAGE, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -68,16 +135,26 @@ def why_sources(package: Path = _PACKAGE, environ: Mapping[str, str] = os.enviro
     built = {name: extension_path(name, package) for name in (*COMPILED, SHARED)}
     if not any(built.values()):
         return None
-    if (shared := built.pop(SHARED)) is None:
-        return "the build is incomplete: the compiled modules' shared library is missing"
-    for name, ext in built.items():
-        src = source_path(name, package)
-        if ext is None:
-            return f"the build is incomplete: {src.name} has no compiled extension"
-        # A build that compiled the code again may leave a module's shim as it was.
-        built_at = max(ext.stat().st_mtime, shared.stat().st_mtime)
-        if src.stat().st_mtime > built_at + EDITED_AFTER:
-            return f"{src} was edited after it was compiled"
+    missing = [name for name, ext in built.items() if ext is None]
+    if missing:
+        return f"the build is incomplete: {missing[0]} has no compiled extension"
+    try:
+        sources = json.loads((package / RECORD).read_text())["sources"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"the build left no record of what it compiled ({package / RECORD})"
+    if sources is None:
+        return f"the last build compiled none of them ({PURE_ENV} was set)"
+    for rel, (size, mtime_ns, digest) in sorted(sources.items()):
+        path = package / rel
+        try:
+            st = path.stat()
+            if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                continue  # as it was compiled (or at least, as it was then, to the nanosecond)
+            if hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+                continue  # touched, or checked out again, the same
+        except OSError:
+            return f"{path} is gone since it was compiled"
+        return f"{path} changed since it was compiled"
     return None
 
 

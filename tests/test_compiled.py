@@ -63,6 +63,7 @@ def run_round(env: dict[str, str], path: Path | None = None) -> list[str]:
 
 
 @pytest.mark.skipif(bool(os.environ.get(PURE_ENV, "") not in ("", "0")), reason=f"{PURE_ENV} set")
+@pytest.mark.skipif(compiled.built_pure(), reason=f"built with {PURE_ENV} set")
 def test_the_request_book_and_the_scheduler_run_compiled():
     # As built from a fresh clone (`pip install -e .`): a source edited since then runs as
     # itself, and this says so (build again: `pip install -e .`).
@@ -73,49 +74,71 @@ def test_the_request_book_and_the_scheduler_run_compiled():
     assert compiled.how_they_run() == "compiled"
 
 
-def make_tree(tmp_path: Path, built: tuple[str, ...] = COMPILED) -> Path:
-    """A package directory with the sources of COMPILED and extensions of `built`, the
-    extensions written after the sources (as a build does)."""
-    then = time.time() - 100
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    if built:
-        shared = compiled.source_path(compiled.SHARED, tmp_path).with_suffix(SUFFIX)
-        shared.write_bytes(b"")
-        os.utime(shared, (then + 1, then + 1))
+def make_tree(tmp_path: Path, built: tuple[str, ...] = (*COMPILED, compiled.SHARED)) -> Path:
+    """A package with the sources of COMPILED (the book importing a module of records), the
+    extensions of `built`, and the record of a build that compiled them."""
+    (tmp_path / "__init__.py").parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "__init__.py").write_text("")
     for name in COMPILED:
         src = compiled.source_path(name, tmp_path)
         src.parent.mkdir(parents=True, exist_ok=True)
-        src.write_text("")
-        os.utime(src, (then, then))
-        if name in built:
-            ext = src.with_name(src.stem + SUFFIX)
-            ext.write_bytes(b"")
-            os.utime(ext, (then + 1, then + 1))
+        (src.parent / "__init__.py").write_text("")
+        imports = {"book": "from .records import Record\n", "queues": "from . import heap\n"}
+        src.write_text(imports.get(src.stem, ""))
+    (tmp_path / "lifecycle" / "records.py").write_text("class Record: ...\n")
+    (tmp_path / "scheduling" / "heap.py").write_text("")
+    if built:
+        compiled.write_record(tmp_path, compiled.fingerprint(tmp_path))
+    for name in built:
+        stem = tmp_path.joinpath(*name.split(".")[1:])
+        stem.with_name(stem.name + SUFFIX).write_bytes(b"")
     return tmp_path
 
 
-def test_the_extensions_run_unless_a_source_is_newer_the_build_incomplete_or_asked(tmp_path):
+def test_what_is_compiled_is_read_from_the_sources_and_what_they_import_from_the_package():
+    read = {p.relative_to(PACKAGE).as_posix() for p in compiled.read_sources()}
+    assert {compiled.source_path(n).relative_to(PACKAGE).as_posix() for n in COMPILED} <= read
+    for imported in ("lifecycle/records.py", "scheduling/decisions.py", "tasks.py", "__init__.py"):
+        assert imported in read
+    assert "supervisor/core.py" not in read and "protocol/dext.py" not in read
+    assert "compiled.py" not in read  # (its own logic: edited, nothing compiled needs building)
+
+
+def test_the_extensions_run_unless_what_they_were_compiled_from_changed_or_asked(tmp_path):
     tree = make_tree(tmp_path / "built")
+    read = {p.relative_to(tree).as_posix() for p in compiled.read_sources(tree)}
+    assert {"lifecycle/records.py", "scheduling/heap.py", "scheduling/__init__.py"} <= read
     assert why_sources(tree, {}) is None
     assert why_sources(tree, {PURE_ENV: "0"}) is None
     assert why_sources(tree, {PURE_ENV: "1"}) == f"{PURE_ENV} is set"
     assert why_sources(make_tree(tmp_path / "none", built=()), {}) is None  # plain sources
     incomplete = make_tree(tmp_path / "some", built=COMPILED[1:])
     assert why_sources(incomplete, {}) == (
-        "the build is incomplete: book.py has no compiled extension"
+        f"the build is incomplete: {COMPILED[0]} has no compiled extension"
     )
-    edited = compiled.source_path("damocles_ext.scheduling.policy", tree)
-    os.utime(edited, (time.time(), time.time()))
-    assert why_sources(tree, {}) == f"{edited} was edited after it was compiled"
-    # Built again: the code is in the shared library, rebuilt; a shim may be left as it was.
-    shared = compiled.extension_path(compiled.SHARED, tree)
-    assert shared is not None
-    os.utime(shared, (time.time() + 1, time.time() + 1))
+    # Touched, or checked out again the same: as compiled.
+    policy = compiled.source_path("damocles_ext.scheduling.policy", tree)
+    os.utime(policy, (time.time() + 10, time.time() + 10))
     assert why_sources(tree, {}) is None
-    shared.unlink()
+    # A module the compiled ones import, changed (one byte, the same size, the same time).
+    records = tree / "lifecycle" / "records.py"
+    st = records.stat()
+    records.write_text("class Recorb: ...\n")
+    os.utime(records, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert why_sources(tree, {}) is None  # (size and time the same: taken as unchanged)
+    os.utime(records, (time.time() + 10, time.time() + 10))
+    assert why_sources(tree, {}) == f"{records} changed since it was compiled"
+    records.unlink()
+    assert why_sources(tree, {}) == f"{records} is gone since it was compiled"
+    (tree / compiled.RECORD).unlink()
     assert why_sources(tree, {}) == (
-        "the build is incomplete: the compiled modules' shared library is missing"
+        f"the build left no record of what it compiled ({tree / compiled.RECORD})"
     )
+    # Built again with PURE_ENV set: the extensions of the build before are left, not run.
+    assert not compiled.built_pure(tree)
+    compiled.write_record(tree, None)
+    assert compiled.built_pure(tree)
+    assert why_sources(tree, {}) == f"the last build compiled none of them ({PURE_ENV} was set)"
 
 
 def test_the_sources_run_when_asked_and_serve_as_the_extensions_do():
@@ -124,15 +147,19 @@ def test_the_sources_run_when_asked_and_serve_as_the_extensions_do():
     assert lines[1:] == [str(compiled.source_path(name)) for name in COMPILED]
 
 
-@pytest.mark.skipif(not BUILT, reason="the package was built without its compiled modules")
-def test_a_source_edited_after_the_build_runs_as_itself_not_as_its_stale_extension(tmp_path):
+@pytest.mark.skipif(
+    not BUILT or compiled.built_pure(), reason="the package was built without its compiled modules"
+)
+def test_a_source_changed_after_the_build_runs_as_itself_not_as_its_stale_extension(tmp_path):
     copy = tmp_path / "damocles_ext"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    files = run_round({PURE_ENV: ""}, tmp_path)[1:]  # (mypyc's own, its modules' __file__)
-    assert all(f.startswith(str(copy)) and f.endswith(SUFFIX) for f in files), files
     edited = compiled.source_path("damocles_ext.lifecycle.rules", copy)
     later = time.time() + 60
-    os.utime(edited, (later, later))
+    os.utime(edited, (later, later))  # touched only: as compiled
+    files = run_round({PURE_ENV: ""}, tmp_path)[1:]  # (mypyc's own, its modules' __file__)
+    assert all(f.startswith(str(copy)) and f.endswith(SUFFIX) for f in files), files
+    with edited.open("a") as f:
+        f.write("# changed\n")
     lines = run_round({PURE_ENV: ""}, tmp_path)
-    assert lines[0] == f"{edited} was edited after it was compiled"
+    assert lines[0] == f"{edited} changed since it was compiled"
     assert lines[1:] == [str(compiled.source_path(name, copy)) for name in COMPILED]

@@ -519,6 +519,7 @@ def test_deadlines_not_yet_due_leave_every_stage_undecided_until_one_is():
     assert looked == []
     [cancel] = s.decide(50.0)  # the running job's deadline
     assert isinstance(cancel, CancelRunning) and cancel.request_id == 2
+    assert looked  # (the spy sees the scheduler's looks: none above is for want of one)
     assert s.next_wakeup() == 100.0
     s.remove(2)
     assert [d.request_id for d in s.decide(50.0)] == [1]
