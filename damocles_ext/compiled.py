@@ -12,17 +12,15 @@ record, or when DAMOCLES_EXT_PURE is set (to debug or profile them line by line)
 compiled modules call each other natively, and each build of them goes together.
 
 This module imports only the standard library: setup.py runs it before the package's
-dependencies are installed.
+dependencies are installed. Every process of the package imports it, children too: it imports
+at the top only what the interpreter has loaded at its start (the record is plain text, and a
+file is hashed only when its size or time moved).
 """
 
 from __future__ import annotations
 
-import ast
-import hashlib
-import importlib.abc
 import importlib.machinery
 import importlib.util
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -40,8 +38,10 @@ COMPILED = (
     "damocles_ext.scheduling.queues",
 )
 SHARED = "damocles_ext.compiled__mypyc"
-#: Written by the build beside this module once it compiled COMPILED (not in git).
-RECORD = "compiled_sources.json"
+#: Written by the build beside this module once it compiled COMPILED (not in git): its first
+#: line says whether it compiled them, each other line a file: sha256, size, mtime_ns, path.
+RECORD = "compiled_sources.txt"
+_HEAD = ("damocles-ext compiled from", "damocles-ext compiled none")
 #: Set to anything but "" or "0": the sources run (at build time: nothing is compiled).
 PURE_ENV = "DAMOCLES_EXT_PURE"
 
@@ -70,6 +70,8 @@ def read_sources(package: Path = _PACKAGE) -> list[Path]:
     package they import (at any depth, in any function or TYPE_CHECKING block), with the
     packages' __init__ files on the way; not this module (the package's __init__ imports it,
     the compiled modules nothing of it)."""
+    import ast  # (the build's, not every process's)
+
     root = COMPILED[0].split(".")[0]  # (the package's import name, wherever it lies)
     seen: set[str] = {f"{root}.compiled"}
     todo = list(COMPILED)
@@ -100,31 +102,42 @@ def read_sources(package: Path = _PACKAGE) -> list[Path]:
     return sorted(source_path(name, package) for name in seen)
 
 
-def fingerprint(package: Path = _PACKAGE) -> dict[str, list[int | str]]:
-    """Each of `read_sources`, by its path in the package: [size, mtime_ns, sha256]."""
-    out: dict[str, list[int | str]] = {}
+def _sha256(path: Path) -> str:
+    import hashlib  # (only for a file whose size or time moved)
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def fingerprint(package: Path = _PACKAGE) -> list[str]:
+    """A line of RECORD for each of `read_sources`: its sha256, size, mtime_ns and path."""
+    lines = []
     for path in read_sources(package):
-        data, st = path.read_bytes(), path.stat()
-        out[path.relative_to(package).as_posix()] = [
-            st.st_size,
-            st.st_mtime_ns,
-            hashlib.sha256(data).hexdigest(),
-        ]
-    return out
+        st = path.stat()
+        rel = path.relative_to(package).as_posix()
+        lines.append(f"{_sha256(path)} {st.st_size} {st.st_mtime_ns} {rel}")
+    return lines
 
 
-def write_record(package: Path, sources: dict[str, list[int | str]] | None) -> None:
+def write_record(package: Path, sources: list[str] | None) -> None:
     """What the build compiled (`fingerprint` taken before it read them), once it is built;
     None: it compiled none of them (PURE_ENV at build time)."""
-    (package / RECORD).write_text(json.dumps({"sources": sources}, indent=1, sort_keys=True))
+    lines = [_HEAD[0], *sources] if sources is not None else [_HEAD[1]]
+    (package / RECORD).write_text("\n".join(lines) + "\n")
+
+
+def _read_record(package: Path) -> list[str] | None:
+    """RECORD's file lines; None if there is none or it is not one; [] for a build that
+    compiled none of them."""
+    try:
+        head, *lines = (package / RECORD).read_text().splitlines()
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return lines if head == _HEAD[0] else [] if head == _HEAD[1] and not lines else None
 
 
 def built_pure(package: Path = _PACKAGE) -> bool:
     """The last build compiled none of COMPILED, on purpose (PURE_ENV at build time)."""
-    try:
-        return json.loads((package / RECORD).read_text())["sources"] is None
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return _read_record(package) == []
 
 
 def why_sources(package: Path = _PACKAGE, environ: Mapping[str, str] = os.environ) -> str | None:
@@ -138,19 +151,22 @@ def why_sources(package: Path = _PACKAGE, environ: Mapping[str, str] = os.enviro
     missing = [name for name, ext in built.items() if ext is None]
     if missing:
         return f"the build is incomplete: {missing[0]} has no compiled extension"
-    try:
-        sources = json.loads((package / RECORD).read_text())["sources"]
-    except (OSError, ValueError, KeyError, TypeError):
+    lines = _read_record(package)
+    if lines is None:
         return f"the build left no record of what it compiled ({package / RECORD})"
-    if sources is None:
+    if not lines:
         return f"the last build compiled none of them ({PURE_ENV} was set)"
-    for rel, (size, mtime_ns, digest) in sorted(sources.items()):
+    for line in lines:
+        try:
+            digest, size, mtime_ns, rel = line.split(" ", 3)
+        except ValueError:  # (never written so: a record damaged, or of another format)
+            return f"the build left no record of what it compiled ({package / RECORD})"
         path = package / rel
         try:
             st = path.stat()
-            if (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+            if (str(st.st_size), str(st.st_mtime_ns)) == (size, mtime_ns):
                 continue  # as it was compiled (or at least, as it was then, to the nanosecond)
-            if hashlib.sha256(path.read_bytes()).hexdigest() == digest:
+            if _sha256(path) == digest:
                 continue  # touched, or checked out again, the same
         except OSError:
             return f"{path} is gone since it was compiled"
@@ -158,8 +174,8 @@ def why_sources(package: Path = _PACKAGE, environ: Mapping[str, str] = os.enviro
     return None
 
 
-class _Sources(importlib.abc.MetaPathFinder):
-    """Finds the sources of COMPILED ahead of their extensions."""
+class _Sources:
+    """Finds the sources of COMPILED ahead of their extensions (a meta path finder)."""
 
     def __init__(self, package: Path) -> None:
         self.package = package

@@ -130,10 +130,13 @@ def test_the_extensions_run_unless_what_they_were_compiled_from_changed_or_asked
     assert why_sources(tree, {}) == f"{records} changed since it was compiled"
     records.unlink()
     assert why_sources(tree, {}) == f"{records} is gone since it was compiled"
+    no_record = f"the build left no record of what it compiled ({tree / compiled.RECORD})"
+    (tree / compiled.RECORD).write_text('{"sources": {}}\n')  # (not one: another format)
+    assert why_sources(tree, {}) == no_record
+    (tree / compiled.RECORD).write_text("damocles-ext compiled from\nbook.py\n")  # (damaged)
+    assert why_sources(tree, {}) == no_record
     (tree / compiled.RECORD).unlink()
-    assert why_sources(tree, {}) == (
-        f"the build left no record of what it compiled ({tree / compiled.RECORD})"
-    )
+    assert why_sources(tree, {}) == no_record
     # Built again with PURE_ENV set: the extensions of the build before are left, not run.
     assert not compiled.built_pure(tree)
     compiled.write_record(tree, None)
