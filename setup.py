@@ -11,9 +11,10 @@ from setuptools.command.build_ext import build_ext
 
 compiled = runpy.run_path(os.path.join("damocles_ext", "compiled.py"))
 package = Path("damocles_ext").resolve()
+pure = os.environ.get(compiled["PURE_ENV"], "") not in ("", "0")
 ext_modules = []
-cmdclass = {}
-if os.environ.get(compiled["PURE_ENV"], "") in ("", "0"):
+sources = None  # what mypyc is about to read (compiled.fingerprint); None: pure
+if not pure:
     try:
         from mypyc.build import mypycify
     except ImportError as exc:
@@ -22,21 +23,31 @@ if os.environ.get(compiled["PURE_ENV"], "") in ("", "0"):
             f" the scheduler ({exc}); pip installs it for the build unless told not to"
             f" (--no-build-isolation), or set {compiled['PURE_ENV']}=1 to build without them"
         ) from None
-    # What mypyc is about to read: the record says so once the build succeeded, and the
-    # package runs the sources instead while any of them differs (compiled.py).
     sources = compiled["fingerprint"](package)
     paths = [os.path.join(*name.split(".")) + ".py" for name in compiled["COMPILED"]]
     ext_modules = mypycify(paths, group_name="damocles_ext.compiled")
 
-    class BuildExtRecorded(build_ext):
-        def run(self) -> None:
-            super().run()
-            where = package if self.inplace else Path(self.build_lib) / "damocles_ext"
-            compiled["write_record"](where, sources)
 
-    cmdclass["build_ext"] = BuildExtRecorded
-else:
-    # Built without them: extensions of an earlier build left beside the sources do not run.
-    compiled["write_record"](package, None)
+class BuildExtRecorded(build_ext):
+    """build_ext, then the record of what it compiled (compiled.py), where it builds: the source
+    tree in place (an editable install), else the wheel's tree."""
 
-setup(cffi_modules=["native/build_ffi.py:ffibuilder"], ext_modules=ext_modules, cmdclass=cmdclass)
+    def run(self) -> None:
+        where = package if self.inplace else Path(self.build_lib) / "damocles_ext"
+        if where.is_dir():
+            compiled["forget_record"](where)  # (a build that fails leaves none)
+        if pure and not self.inplace:
+            # A build directory keeps what an earlier build put in it: none of it goes out.
+            for name in (*compiled["COMPILED"], compiled["SHARED"]):
+                while (ext := compiled["extension_path"](name, where)) is not None:
+                    ext.unlink()
+        super().run()
+        where.mkdir(parents=True, exist_ok=True)
+        compiled["write_record"](where, sources)
+
+
+setup(
+    cffi_modules=["native/build_ffi.py:ffibuilder"],
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": BuildExtRecorded},
+)

@@ -5,7 +5,7 @@ path) are compiled to C extensions by mypyc when the package is built (setup.py)
 source, taking about 40% less CPU (bench/bench_supervisor_ab.py). Python imports an extension
 before a source of the same name, so a source changed after the build would run as its stale
 extension. The build records what it compiled (`RECORD`: each source the compiled modules read,
-theirs and those of the modules they import from the package, with its SHA-256), and
+theirs and those of the modules they import from the package, with its CRC-32), and
 `use_sources_if_stale`, called as the package is imported, has the sources of all of them
 imported instead when one of those files changed since, when the build is incomplete or left no
 record, or when DAMOCLES_EXT_PURE is set (to debug or profile them line by line). All or none:
@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import os
+import stat
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,7 +40,8 @@ COMPILED = (
 )
 SHARED = "damocles_ext.compiled__mypyc"
 #: Written by the build beside this module once it compiled COMPILED (not in git): its first
-#: line says whether it compiled them, each other line a file: sha256, size, mtime_ns, path.
+#: line says whether it compiled them (and how many files follow), each other line a file:
+#: CRC-32, size, mtime_ns, path.
 RECORD = "compiled_sources.txt"
 _HEAD = ("damocles-ext compiled from", "damocles-ext compiled none")
 #: Set to anything but "" or "0": the sources run (at build time: nothing is compiled).
@@ -102,27 +104,36 @@ def read_sources(package: Path = _PACKAGE) -> list[Path]:
     return sorted(source_path(name, package) for name in seen)
 
 
-def _sha256(path: Path) -> str:
-    import hashlib  # (only for a file whose size or time moved)
+def _digest(path: Path) -> str:
+    """What tells a file's content changed: its CRC-32 (a change is looked for, not a forgery;
+    an installed wheel keeps no file times, so every process of it reads them all)."""
+    import zlib  # (only for a file whose size or time moved)
 
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return f"{zlib.crc32(path.read_bytes()):08x}"
 
 
 def fingerprint(package: Path = _PACKAGE) -> list[str]:
-    """A line of RECORD for each of `read_sources`: its sha256, size, mtime_ns and path."""
+    """A line of RECORD for each of `read_sources`: its CRC-32, size, mtime_ns and path."""
     lines = []
     for path in read_sources(package):
         st = path.stat()
         rel = path.relative_to(package).as_posix()
-        lines.append(f"{_sha256(path)} {st.st_size} {st.st_mtime_ns} {rel}")
+        lines.append(f"{_digest(path)} {st.st_size} {st.st_mtime_ns} {rel}")
     return lines
 
 
 def write_record(package: Path, sources: list[str] | None) -> None:
     """What the build compiled (`fingerprint` taken before it read them), once it is built;
-    None: it compiled none of them (PURE_ENV at build time)."""
-    lines = [_HEAD[0], *sources] if sources is not None else [_HEAD[1]]
-    (package / RECORD).write_text("\n".join(lines) + "\n")
+    None: it compiled none of them (PURE_ENV at build time). Written whole or not at all."""
+    head = f"{_HEAD[0]} {len(sources)}" if sources is not None else _HEAD[1]
+    tmp = package / f".{RECORD}.tmp"
+    tmp.write_text("\n".join([head, *(sources or ())]) + "\n")
+    os.replace(tmp, package / RECORD)
+
+
+def forget_record(package: Path) -> None:
+    """A build begins: until it ends well, no record says what its extensions are."""
+    (package / RECORD).unlink(missing_ok=True)
 
 
 def _read_record(package: Path) -> list[str] | None:
@@ -132,7 +143,9 @@ def _read_record(package: Path) -> list[str] | None:
         head, *lines = (package / RECORD).read_text().splitlines()
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    return lines if head == _HEAD[0] else [] if head == _HEAD[1] and not lines else None
+    if head == _HEAD[1] and not lines:
+        return []
+    return lines if head == f"{_HEAD[0]} {len(lines)}" and lines else None
 
 
 def built_pure(package: Path = _PACKAGE) -> bool:
@@ -142,9 +155,17 @@ def built_pure(package: Path = _PACKAGE) -> bool:
 
 def why_sources(package: Path = _PACKAGE, environ: Mapping[str, str] = os.environ) -> str | None:
     """Why the sources of COMPILED are to run though extensions were built; None: the
-    extensions run (or none was built, and the sources run as any other module's)."""
+    extensions run (or none was built, and the sources run as any other module's). Never
+    raises: it runs as the package is imported, in every process."""
     if environ.get(PURE_ENV, "") not in ("", "0"):
         return f"{PURE_ENV} is set"
+    try:
+        return _why_sources(package)
+    except Exception as exc:  # noqa: BLE001 - the sources are safe; an import that fails is not
+        return f"the compiled modules could not be checked ({type(exc).__name__}: {exc})"
+
+
+def _why_sources(package: Path) -> str | None:
     built = {name: extension_path(name, package) for name in (*COMPILED, SHARED)}
     if not any(built.values()):
         return None
@@ -157,19 +178,19 @@ def why_sources(package: Path = _PACKAGE, environ: Mapping[str, str] = os.enviro
     if not lines:
         return f"the last build compiled none of them ({PURE_ENV} was set)"
     for line in lines:
-        try:
-            digest, size, mtime_ns, rel = line.split(" ", 3)
-        except ValueError:  # (never written so: a record damaged, or of another format)
+        digest, size, mtime_ns, rel = [*line.split(" ", 3), "", "", ""][:4]
+        if not rel or rel.startswith("/") or ".." in rel.split("/") or "\0" in rel:
+            # (never written so: a record damaged, or of another format)
             return f"the build left no record of what it compiled ({package / RECORD})"
         path = package / rel
         try:
             st = path.stat()
-            if (str(st.st_size), str(st.st_mtime_ns)) == (size, mtime_ns):
-                continue  # as it was compiled (or at least, as it was then, to the nanosecond)
-            if _sha256(path) == digest:
-                continue  # touched, or checked out again, the same
         except OSError:
             return f"{path} is gone since it was compiled"
+        if (str(st.st_size), str(st.st_mtime_ns)) == (size, mtime_ns):
+            continue  # as it was compiled (or at least, as it was then, to the nanosecond)
+        if stat.S_ISREG(st.st_mode) and _digest(path) == digest:
+            continue  # touched, or checked out again, the same
         return f"{path} changed since it was compiled"
     return None
 
@@ -183,9 +204,10 @@ class _Sources:
     def find_spec(
         self, fullname: str, path: Sequence[str] | None, target: ModuleType | None = None
     ) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in COMPILED:
+        source = source_path(fullname, self.package) if fullname in COMPILED else None
+        if source is None or not source.is_file():  # (none shipped: what there is runs)
             return None
-        return importlib.util.spec_from_file_location(fullname, source_path(fullname, self.package))
+        return importlib.util.spec_from_file_location(fullname, source)
 
 
 #: Why the sources run rather than the extensions (None: the extensions, if built).

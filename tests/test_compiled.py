@@ -63,7 +63,9 @@ def run_round(env: dict[str, str], path: Path | None = None) -> list[str]:
 
 
 @pytest.mark.skipif(bool(os.environ.get(PURE_ENV, "") not in ("", "0")), reason=f"{PURE_ENV} set")
-@pytest.mark.skipif(compiled.built_pure(), reason=f"built with {PURE_ENV} set")
+@pytest.mark.skipif(
+    not BUILT or compiled.built_pure(), reason="the package was built without its compiled modules"
+)
 def test_the_request_book_and_the_scheduler_run_compiled():
     # As built from a fresh clone (`pip install -e .`): a source edited since then runs as
     # itself, and this says so (build again: `pip install -e .`).
@@ -133,8 +135,20 @@ def test_the_extensions_run_unless_what_they_were_compiled_from_changed_or_asked
     no_record = f"the build left no record of what it compiled ({tree / compiled.RECORD})"
     (tree / compiled.RECORD).write_text('{"sources": {}}\n')  # (not one: another format)
     assert why_sources(tree, {}) == no_record
-    (tree / compiled.RECORD).write_text("damocles-ext compiled from\nbook.py\n")  # (damaged)
-    assert why_sources(tree, {}) == no_record
+    head = "damocles-ext compiled from 1\n"
+    for damaged in ("book.py", "0 1 2 /etc/passwd", "0 1 2 ../x.py", "0 1 2 a\0b"):
+        (tree / compiled.RECORD).write_text(head + damaged + "\n")
+        assert why_sources(tree, {}) == no_record, damaged
+    (tree / compiled.RECORD).write_text("damocles-ext compiled from 3\n0 1 2 __init__.py\n")
+    assert why_sources(tree, {}) == no_record  # (cut short)
+    (tree / compiled.RECORD).unlink()
+    (tree / compiled.RECORD).mkdir()
+    assert why_sources(tree, {}) == no_record  # (not even a file)
+    (tree / compiled.RECORD).rmdir()
+    fifo = tree / "lifecycle" / "fifo.py"
+    os.mkfifo(fifo)  # (a path that changed into one, which a read would wait on for ever)
+    (tree / compiled.RECORD).write_text(head + "0 1 2 lifecycle/fifo.py\n")
+    assert why_sources(tree, {}) == f"{fifo} changed since it was compiled"
     (tree / compiled.RECORD).unlink()
     assert why_sources(tree, {}) == no_record
     # Built again with PURE_ENV set: the extensions of the build before are left, not run.
@@ -150,6 +164,17 @@ def test_the_sources_run_when_asked_and_serve_as_the_extensions_do():
     assert lines[1:] == [str(compiled.source_path(name)) for name in COMPILED]
 
 
+def test_the_sources_are_found_first_only_where_they_are(tmp_path):
+    # An install that ships only the extensions runs them, whatever the check said.
+    tree = make_tree(tmp_path / "built")
+    finder = compiled._Sources(tree)
+    spec = finder.find_spec(COMPILED[0], None)
+    assert spec is not None and spec.origin == str(compiled.source_path(COMPILED[0], tree))
+    assert finder.find_spec("damocles_ext.tasks", None) is None  # (not one of them)
+    compiled.source_path(COMPILED[0], tree).unlink()
+    assert finder.find_spec(COMPILED[0], None) is None
+
+
 @pytest.mark.skipif(
     not BUILT or compiled.built_pure(), reason="the package was built without its compiled modules"
 )
@@ -160,6 +185,7 @@ def test_a_source_changed_after_the_build_runs_as_itself_not_as_its_stale_extens
     later = time.time() + 60
     os.utime(edited, (later, later))  # touched only: as compiled
     files = run_round({PURE_ENV: ""}, tmp_path)[1:]  # (mypyc's own, its modules' __file__)
+    assert len(files) == len(COMPILED)
     assert all(f.startswith(str(copy)) and f.endswith(SUFFIX) for f in files), files
     with edited.open("a") as f:
         f.write("# changed\n")
