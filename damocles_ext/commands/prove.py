@@ -347,10 +347,6 @@ def _check_jobs_args(args: argparse.Namespace) -> None:
         )
 
 
-#: Faulty sectors listed on stderr at most (the output holds them all).
-FAULTS_SHOWN = 20
-
-
 def _reasons_not_shown(args: argparse.Namespace) -> bool:
     """Whether the children proved here and their log, where the provers say why each sector
     is faulty (the output has their numbers only), is below the level logged."""
@@ -364,15 +360,14 @@ def _reasons_not_shown(args: argparse.Namespace) -> bool:
 
 def _emit(output: Output, path: Path | None, args: argparse.Namespace) -> None:
     from damocles_ext.protocol.jsonl import output_to_json
-    from damocles_ext.wording import some_and_more
+    from damocles_ext.wording import SECTORS_NAMED, sector_list
 
     data = output_to_json(output) + b"\n"
     faults = list(getattr(output, "faults", ()))
     if faults:
         noun = "faulty sector" if len(faults) == 1 else "faulty sectors"
-        # The first FAULTS_SHOWN: a partition's 2,349 made a 13 KB line, its advice at its end.
-        listed = some_and_more([str(f) for f in faults[:FAULTS_SHOWN]], len(faults))
-        if len(faults) > FAULTS_SHOWN:
+        listed = sector_list(faults)
+        if len(faults) > SECTORS_NAMED:
             listed += " (all of them in the output's faults)"
         if not getattr(output, "proofs", True):
             # Exit 0 all the same: the prover answered, as damocles' processor does with faults;

@@ -25,7 +25,7 @@ from ..tasks import PoStReplicaInfo, WindowPoSt, WindowPoStOutput, over_64_bits
 
 # Lives beside SECTOR_SIZES; kept importable from here, with the other rules.
 from ..tasks import proof_types_for_sizes as proof_types_for_sizes
-from ..wording import some_and_more
+from ..wording import sector_list, some_and_more
 from . import rpc
 from .model import JobOutput, WdPoStInput, WdPoStSectorInfo
 from .paths import sector_path
@@ -636,7 +636,7 @@ def faults_text(job: PulledJob, faults: Sequence[int]) -> str:
     """The log line for a proof that found some of the job's sectors faulty. Why each one is,
     the answer does not say (sector numbers only): the prover's log lines do, the built-in
     provers' one a sector; this line names no cause, which may be a file or its data."""
-    shown = some_and_more([str(f) for f in faults[:20]], len(faults))
+    shown = sector_list(faults)
     return (
         f"job {job.Id}: {len(faults)} of its {len(job.Input.Sectors or ())} sectors are faulty:"
         f" {shown}; the prover's log lines say why (a file missing or unreadable here, or data"

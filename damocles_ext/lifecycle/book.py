@@ -43,7 +43,7 @@ from ..scheduling.children import cannot_serve
 from ..scheduling.policy import ChildSlots
 from ..tasks import OUTPUTS_WITH_FAULTS, Output, Task, output_problem, stage_of
 from ..tasks import WindowPoStVanillaOutput as VanillaOutput
-from ..wording import some_and_more
+from ..wording import sector_list
 from .effects import Effect, Note, ReportProgress
 from .records import (
     DEXT,
@@ -587,17 +587,12 @@ class RequestBook(BookRules):
         return out
 
 
-#: Faulty sectors a request's warning names (the answer holds them all; prove's line shows as
-#: many).
-FAULTS_NAMED = 20
-
-
 def _faults_note(req: TrackedRequest, process: ProcessRecord, faults: list[int]) -> Note:
     """The warning for a request answered with faulty sectors: the answer gives their numbers
     only; why each is faulty is the prover's to say, in its log (the built-in provers say it
     there, one line a sector)."""
     count = len(faults)
-    listed = some_and_more([str(f) for f in faults[:FAULTS_NAMED]], count)
+    listed = sector_list(faults)
     text = (
         f"request {req.rid} ({req.stage}): {count} faulty sector{'s' if count != 1 else ''},"
         f" no proof: {listed}; the log lines of {process.who} say why"
