@@ -11,7 +11,7 @@ from setuptools.command.build_ext import build_ext
 
 compiled = runpy.run_path(os.path.join("damocles_ext", "compiled.py"))
 package = Path("damocles_ext").resolve()
-pure = os.environ.get(compiled["PURE_ENV"], "") not in ("", "0")
+pure = compiled["pure_asked"]()
 ext_modules = []
 sources = None  # what mypyc is about to read (compiled.fingerprint); None: pure
 if not pure:
@@ -24,7 +24,8 @@ if not pure:
             f" (--no-build-isolation), or set {compiled['PURE_ENV']}=1 to build without them"
         ) from None
     sources = compiled["fingerprint"](package)
-    paths = [os.path.join(*name.split(".")) + ".py" for name in compiled["COMPILED"]]
+    relative = Path("damocles_ext")  # (mypyc names the modules by their paths from here)
+    paths = [str(compiled["source_path"](name, relative)) for name in compiled["COMPILED"]]
     ext_modules = mypycify(paths, group_name="damocles_ext.compiled")
 
 

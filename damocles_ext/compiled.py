@@ -50,6 +50,11 @@ PURE_ENV = "DAMOCLES_EXT_PURE"
 _PACKAGE = Path(__file__).resolve().parent
 
 
+def pure_asked(environ: Mapping[str, str] = os.environ) -> bool:
+    """PURE_ENV is set (to anything but "" or "0")."""
+    return environ.get(PURE_ENV, "") not in ("", "0")
+
+
 def source_path(name: str, package: Path = _PACKAGE) -> Path:
     """The source file of module `name` (of this package) under the package directory."""
     path = package.joinpath(*name.split(".")[1:])
@@ -157,7 +162,7 @@ def why_sources(package: Path = _PACKAGE, environ: Mapping[str, str] = os.enviro
     """Why the sources of COMPILED are to run though extensions were built; None: the
     extensions run (or none was built, and the sources run as any other module's). Never
     raises: it runs as the package is imported, in every process."""
-    if environ.get(PURE_ENV, "") not in ("", "0"):
+    if pure_asked(environ):
         return f"{PURE_ENV} is set"
     try:
         return _why_sources(package)

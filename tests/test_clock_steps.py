@@ -17,6 +17,7 @@ from helpers.coordinators import (
     heartbeat_forever,
     no_longer_running,
     two_jobs_with_a_quick_heartbeat_timeout,
+    what_they_said,
 )
 from helpers.frontend import CoordinatorProcess, dext_stepping, step_clock
 from helpers.supervisor import wait_until
@@ -26,10 +27,6 @@ from damocles_ext.jobs.client import RpcClient
 from damocles_ext.jobs.store import JobStore
 
 # HeartbeatTimeout 3 s: the coordinators' sweeps 0.75 s apart.
-
-
-def _said(*coordinators: CoordinatorProcess) -> str:
-    return "\n".join(c.stderr.decode(errors="replace")[-4000:] for c in coordinators)
 
 
 @pytest.mark.parametrize("step", [-300.0, 300.0], ids=["back", "forward"])
@@ -48,7 +45,7 @@ async def test_a_step_of_the_coordinators_wall_clock_moves_no_stamp_and_loses_no
     with JobStore.open(postgres_url) as store:
         store.create(make_input(miner=1000), time.time(), not_after=time.time() + 120)
     c = CoordinatorProcess(postgres_url, "--conf-dir", str(tmp_path), dext=dext_stepping(shift))
-    try:
+    with what_they_said(c):
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await c.start(nursery)
@@ -76,11 +73,6 @@ async def test_a_step_of_the_coordinators_wall_clock_moves_no_stamp_and_loses_no
             done = store.get(job["Id"])
         finished = (done.State, done.cancelled, done.ErrorReason, done.TryNum)
         assert finished == ("finished", False, "", 1)
-    except BaseException as exc:
-        exc.add_note(f"the coordinator said:\n{_said(c)}")
-        raise
-    finally:
-        c.stop()
     said = c.stderr.decode()
     assert "keeps to the job store's server's clock, which does not follow it" in said, said
     assert "timed out" not in said and "Traceback" not in said, said
@@ -98,7 +90,7 @@ async def test_coordinators_keep_to_the_servers_clock_within_a_sweep_after_it_st
     conf = two_jobs_with_a_quick_heartbeat_timeout(postgres_url, tmp_path)
     a = CoordinatorProcess(postgres_url, *conf, dext=dext_stepping(server=server))
     b = CoordinatorProcess(postgres_url, *conf, dext=dext_stepping(server=server))
-    try:
+    with what_they_said(a, b):
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
                 await b.start(nursery)
@@ -117,12 +109,6 @@ async def test_coordinators_keep_to_the_servers_clock_within_a_sweep_after_it_st
         with JobStore.open(postgres_url, create=False) as store:
             job = store.get(kept["Id"])
         assert (job.State, job.lease, job.TryNum) == ("running", kept["Lease"], 1)
-    except BaseException as exc:
-        exc.add_note(f"A and B said:\n{_said(a, b)}")
-        raise
-    finally:
-        a.stop()
-        b.stop()
     said = b.stderr.decode()
     # (A reading is off by up to half its round trip: within a second on a loaded machine.)
     assert re.search(r"moved back by (299\.\d|300\.\d) s against this machine's monotonic", said), (

@@ -62,7 +62,7 @@ def run_round(env: dict[str, str], path: Path | None = None) -> list[str]:
     return done.stdout.splitlines()
 
 
-@pytest.mark.skipif(bool(os.environ.get(PURE_ENV, "") not in ("", "0")), reason=f"{PURE_ENV} set")
+@pytest.mark.skipif(compiled.pure_asked(), reason=f"{PURE_ENV} set")
 @pytest.mark.skipif(
     not BUILT or compiled.built_pure(), reason="the package was built without its compiled modules"
 )

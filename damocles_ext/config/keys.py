@@ -95,7 +95,8 @@ VALID_KEYS: tuple[str, ...] = tuple(f.encode_name for f in msgspec.structs.field
 assert set(VALID_KEYS) == set(_RULES), "every key needs a rule"
 
 
-def _converts(value: Any, typ: Any) -> bool:
+def converts(value: Any, typ: Any) -> bool:
+    """`value` is of type `typ` as msgspec checks it (a whole number is not a float's 2.0)."""
     try:
         msgspec.convert(value, typ)
     except msgspec.ValidationError:
@@ -107,13 +108,13 @@ def _check_key(where: str, key: str, value: Any) -> list[str]:
     """Type and range of one key; a bad list item or table entry is named by its own path."""
     rule = _RULES[key]
     path = f"{where}.{key}"
-    if _converts({key: value}, _Block):
+    if converts({key: value}, _Block):
         return _check_strings(path, value)
     if rule.container is list and isinstance(value, list):
         bad = [
             f"{path}[{i}]: expected {rule.item_expected}, found {_show(item)}"
             for i, item in enumerate(value)
-            if not _converts(item, rule.item_type)
+            if not converts(item, rule.item_type)
         ]
         if bad:
             return bad
@@ -121,7 +122,7 @@ def _check_key(where: str, key: str, value: Any) -> list[str]:
         bad = [
             f"{path}.{_toml_key(k)}: expected {rule.item_expected}, found {_show(v)}"
             for k, v in value.items()
-            if not _converts(v, rule.item_type)
+            if not converts(v, rule.item_type)
         ]
         if bad:
             return bad

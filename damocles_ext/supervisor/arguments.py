@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 import msgspec
 
 from ..config import ChildSpec, Config
+from ..config.keys import converts
 from ..errors import UsageError
 from ..stages import STAGES
 
@@ -28,7 +29,7 @@ def coerce_children(config: Config | Sequence[ChildSpec]) -> list[ChildSpec]:
     children = getattr(config, "children", None)
     if children is None:
         raise TypeError(f"expected a Config or a list of ChildSpec, got {type(config).__name__}")
-    for item in children:  # (a Config read from a file is checked; one made by hand is not)
+    for item in children:  # (a Config read from a file was checked as read; one made by hand not)
         check_numbers(item)
     return list(children)
 
@@ -48,14 +49,12 @@ def check_numbers(spec: ChildSpec) -> None:
     a config file's are checked as it is read."""
     for name, kind in _NUMBERS:
         value = getattr(spec, name)
-        try:
-            msgspec.convert(value, kind)
-        except msgspec.ValidationError:
+        if not converts(value, kind):
             what = "a whole number" if kind in (int, int | None) else "a number of seconds"
             raise UsageError(
                 f"ChildSpec {spec.name!r}: its {name} {value!r} is not {what}"
                 f"{' or None' if kind in (int | None, float | None) else ''}"
-            ) from None
+            )
 
 
 def check_arguments(stages: Iterable[str] | None, **seconds: object) -> list[str] | None:

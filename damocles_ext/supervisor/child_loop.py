@@ -29,7 +29,7 @@ from ..config import child_env, describe_argv
 from ..logs import report_bad_output
 from .connection import ChildConnection, ChildProtocolError, Ready, preview
 from .observers import child_info, exit_status
-from .pipe_turns import PipeTurn, closing, off_the_pipe, wake_reader
+from .pipe_turns import READS_IN_A_ROW, PipeTurn, closing, off_the_pipe, wake_reader
 from .process import ChildProcess, SpawnError, prepare_spawn, spawn
 from .reaper import REAP_TIMEOUT
 from .restart import GiveUp, RestartTracker
@@ -54,7 +54,6 @@ _SLOW_PLUGINS = (
 )
 _STDERR_TAIL_LINES = 2  # a child's last stderr lines quoted in its exit reason (failed starts)
 _MAX_QUEUE = 16  # requests beyond Concurrent a child may be sent (its Hello's queue, bounded)
-_YIELD_EVERY = 16  # reads in a row: a child that floods us must not starve everything else
 
 
 class ChildHost(Protocol):
@@ -171,7 +170,7 @@ async def read(host: ChildHost, child: Child, p: Process) -> None:
                     await trio.lowlevel.wait_readable(fd)
                 except trio.ClosedResourceError:
                     pass  # closed under us: the read below says so
-            elif unyielded >= _YIELD_EVERY:
+            elif unyielded >= READS_IN_A_ROW:
                 unyielded = 0
                 await trio.lowlevel.checkpoint()
             try:

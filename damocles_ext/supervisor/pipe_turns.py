@@ -51,29 +51,36 @@ if TYPE_CHECKING:
 #: what a child writes unasked while idle is read that much later at most.
 LINGER = 0.01
 _READ_SIZE = ChildProcess.READ_SIZE
-_READS_IN_A_ROW = 16  # then a wait (a checkpoint): a child that floods us starves no one
+#: Reads in a row, then a wait (a checkpoint): a child that floods us starves no one (its reader
+#: task's and a caller's reads alike).
+READS_IN_A_ROW = 16
 
 
 class PipeTurn:
     """A process's stdout: whether its reader is off it, and whether a caller reads it."""
 
-    __slots__ = ("caller", "linger", "off", "released_at", "wake", "wanted")
+    __slots__ = ("caller", "linger", "released_at", "wake", "wanted")
 
     def __init__(self) -> None:
         #: The last request sent was a `submit` caller's, who may read its answer: only then
         #: does the reader leave the pipe (a front end's request wakes it off the pipe each time).
         self.wanted = False
-        self.off = False  # the reader task is off the pipe (in `off_the_pipe`)
         self.caller: Waiter | None = None  # the caller that reads it (`read_own`), if one
         self.wake: Parked | None = None  # the reader's, while off: set, it takes the pipe
         self.linger: trio.CancelScope | None = None  # its wait while off, till LINGER is up
         self.released_at = 0.0  # when the last caller handed it back (trio's clock)
 
+    @property
+    def off(self) -> bool:
+        """The reader task is off the pipe (in `off_the_pipe`, whose `wake` it is)."""
+        return self.wake is not None
+
 
 def claim(children: Mapping[str, Child], waiter: Waiter) -> tuple[Child, Process] | None:
     """The child and process whose pipe the caller of `waiter`, its request just sent, reads
     itself; None: it waits to be woken (its request is queued or answered, or the child's
-    reader is on the pipe, or a caller reads it: the reader is woken, if off it)."""
+    reader is on the pipe, or a caller reads it and hands the pipe back as `release` says, or
+    the child went down, which woke the reader: `child_loop.mark_down`)."""
     req = waiter.tracked
     if req.current is None or req.child is None:
         return None
@@ -83,7 +90,6 @@ def claim(children: Mapping[str, Child], waiter: Waiter) -> tuple[Child, Process
         return None
     turn = p.turn
     if not turn.off or turn.caller is not None or p.down_reason is not None:  # (EOF: down)
-        wake_reader(p)  # (sent unclaimed: the reader reads it)
         return None
     return child, p
 
@@ -100,7 +106,6 @@ async def off_the_pipe(p: Process) -> None:
     """The reader task, nothing in flight: off the pipe until woken or LINGER after the last
     release (returns: it takes the pipe again)."""
     turn = p.turn
-    turn.off = True
     turn.released_at = trio.current_time()
     try:
         while True:
@@ -115,7 +120,6 @@ async def off_the_pipe(p: Process) -> None:
             if trio.current_time() >= turn.released_at + LINGER:
                 return
     finally:
-        turn.off = False
         turn.wake = turn.linger = None
 
 
@@ -134,7 +138,7 @@ async def read_own(host: ChildHost, child: Child, p: Process, waiter: Waiter, on
                 return  # answered elsewhere, or the pipe is being closed: no more reading here
             finally:
                 waiter.reading_fd = None
-            for _ in range(_READS_IN_A_ROW):
+            for _ in range(READS_IN_A_ROW):
                 if p.read_ended:  # (ended while this task waited to run: its pipe may be closed)
                     return
                 try:

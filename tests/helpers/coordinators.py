@@ -42,14 +42,14 @@ async def heartbeat_forever(client: RpcClient, held: list, worker: str) -> None:
 
 
 @contextmanager
-def what_they_said(a: CoordinatorProcess, b: CoordinatorProcess) -> Iterator[None]:
-    """Both coordinators stopped at the end; on a failure, what they said, with it."""
+def what_they_said(*coordinators: CoordinatorProcess) -> Iterator[None]:
+    """The coordinators stopped at the end; on a failure, what each said (A, B...), with it."""
     try:
         yield
     except BaseException as exc:
-        for name, c in (("A", a), ("B", b)):
+        for name, c in zip("ABCDEFGH", coordinators, strict=False):
             exc.add_note(f"{name} said:\n{c.stderr.decode(errors='replace')[-4000:]}")
         raise
     finally:
-        a.stop()
-        b.stop()
+        for c in coordinators:
+            c.stop()
