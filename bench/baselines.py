@@ -11,7 +11,9 @@
   reusable executor (not measured if loky is not installed: `pip install -e '.[test]'`), each
   calling the same trivial function, the `echo` prover's (`echo_in_worker`).
 * Labelled as what it is, not a floor: our own child runtime (`damocles-ext child`) driven by the
-  same blocking parent (`OwnChildBlocking`): the child's share without the supervisor.
+  same blocking parent (`OwnChildBlocking`): the child's share without the supervisor; and the
+  floor child speaking dext behind our supervisor (`floor_child_config`): the supervisor's share
+  without our child runtime.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import collections
 import contextlib
 import ctypes
 import itertools
+import json
 import multiprocessing
 import os
 import shutil
@@ -61,6 +64,55 @@ while True:
     out = encode({"type": "response", "id": msg["id"], "output": {"proofs": [h.digest()], "faults": []}})
     os.write(1, len(out).to_bytes(4, "big") + out)
 """
+
+
+def _floor_speaking_dext() -> str:
+    """FLOOR_CHILD as a dext child a supervisor can run (a `Bin` child): its hello first, an
+    output tagged with its stage, a Shutdown ends it and any other frame from the parent is
+    left unanswered; each request served with the floor's very lines."""
+    steps = (
+        (
+            "while True:\n",
+            (
+                'write(1, {"type": "hello", "protocol": dext_version, "stage": "window_post",'
+                ' "pid": os.getpid(), "prover": "floor", "version": "1"})\nwhile True:\n'
+            ),
+        ),
+        (
+            '    task = msg["task"]\n',
+            (
+                '    if msg["type"] != "request":\n'
+                '        if msg["type"] == "shutdown":\n'
+                "            raise SystemExit(0)\n"
+                "        continue\n"
+                '    task = msg["task"]\n'
+            ),
+        ),
+        ('"output": {"proofs"', '"output": {"stage": "window_post", "proofs"'),
+    )
+    text = FLOOR_CHILD.replace(
+        "def read(n):\n",
+        "def write(fd, obj):\n"
+        "    out = encode(obj)\n"
+        '    os.write(fd, len(out).to_bytes(4, "big") + out)\n'
+        "def read(n):\n",
+    )
+    for old, new in steps:
+        if text.count(old) != 1:
+            raise RuntimeError(f"FLOOR_CHILD changed: {old!r} is not in it once")
+        text = text.replace(old, new)
+    return f"dext_version = {dext.PROTOCOL_VERSION!r}\n" + text
+
+
+def floor_child_config(tmp: Path, count: int = 1) -> str:
+    """The config of `count` WindowPoSt children running the floor child as a dext `Bin` child
+    (its program written under `tmp`): our supervisor with the floor's child behind it, what of
+    a round trip is the supervisor's. Not a floor: the supervisor is our code."""
+    program = tmp / "floor_child.py"
+    program.write_text(_floor_speaking_dext())
+    quoted = json.dumps  # (a TOML basic string, as JSON writes one)
+    block = f"[[WdPost]]\nBin = {quoted(sys.executable)}\nArgs = [{quoted(str(program))}]\n"
+    return (block + 'Protocol = "dext"\n') * count
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -176,6 +176,8 @@ def test_a_tiny_supervisor_benchmark_prints_and_saves_every_goal_judged_on_every
     assert done.returncode == 0, out + done.stderr
     assert "msgspec child, blocking Python parent (floor)" in out
     assert "our child runtime, blocking Python parent (not a floor: our code)" in out
+    assert "damocles-ext, Python API, the floor child behind it (not a floor)" in out
+    assert re.search(r"The API with the floor's child behind it .*: .*x the floor \(not a goal", out)
     # The trio reference is measured in both tables, labelled as what it is.
     reference = "trio dispatcher, no book (reference: what trio itself costs; not a floor)"
     assert out.count(reference) == 2
@@ -421,6 +423,32 @@ def test_the_floor_child_answers_each_request_with_the_echo_provers_proof():
         assert floor.ids == 2
     finally:
         floor.close()
+
+
+async def test_the_floor_child_speaks_dext_behind_our_supervisor_and_answers_as_echo_does(
+    tmp_path: Path,
+):
+    import trio
+    from damocles_ext_plugins.testing import echo_output
+
+    from bench.baselines import floor_child_config
+    from bench.supervisor_runs import small_task
+    from damocles_ext.config import parse_config
+    from damocles_ext.supervisor.core import Supervisor
+
+    task = small_task()
+    sup = Supervisor(parse_config(floor_child_config(tmp_path), "<bench>"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sup.run)
+        await sup.wait_ready("window_post", 1)
+        # Its answers are the echo prover's, each to its own request (the id matched).
+        assert [await sup.submit(task) for _ in range(3)] == [echo_output(task)] * 3
+        (child,) = sup.statistics().children
+        assert (child.done, child.failed, child.restarts) == (3, 0, 0)
+        sup.request_shutdown()
+    # It ended by itself at the shutdown (exit code 0), not killed at the end of the grace.
+    (child,) = sup.statistics().children
+    assert "exit code 0" in (child.last_exit or ""), child
 
 
 def test_a_bad_native_benchmark_sample_count_exits_2(capsys: pytest.CaptureFixture[str]):
