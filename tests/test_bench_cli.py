@@ -177,7 +177,9 @@ def test_a_tiny_supervisor_benchmark_prints_and_saves_every_goal_judged_on_every
     assert "msgspec child, blocking Python parent (floor)" in out
     assert "our child runtime, blocking Python parent (not a floor: our code)" in out
     assert "damocles-ext, Python API, the floor child behind it (not a floor)" in out
-    assert re.search(r"The API with the floor's child behind it .*: .*x the floor \(not a goal", out)
+    assert re.search(
+        r"The API with the floor's child behind it .*: .*x the floor \(not a goal\)", out
+    )
     # The trio reference is measured in both tables, labelled as what it is.
     reference = "trio dispatcher, no book (reference: what trio itself costs; not a floor)"
     assert out.count(reference) == 2
