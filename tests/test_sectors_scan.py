@@ -21,6 +21,7 @@ from damocles_ext.sectors import SectorLocation, SectorRef
 from damocles_ext.sectors.files import location_problem
 from damocles_ext.sectors.locator import SectorLocator
 from damocles_ext.sectors.metrics import SectorMetrics
+from damocles_ext.sectors.model import SectorProviderError
 from damocles_ext.sectors.providers import BROKEN_ADVICE, SourceNode, StoreScan
 
 MINER = 1000
@@ -55,6 +56,11 @@ def sealed_file_a_symlink_loop(root: Path, number: int) -> None:
 
 def sealed_file_a_fifo(root: Path, number: int) -> None:
     os.mkfifo(sealed_path(root, number))
+    cache_path(root, number).mkdir()
+
+
+def sealed_file_a_symlink_to_nothing(root: Path, number: int) -> None:
+    os.symlink(root / "gone" / "s-replica", sealed_path(root, number))  # a store moved away
     cache_path(root, number).mkdir()
 
 
@@ -201,6 +207,7 @@ def sealed_file_only(root: Path, number: int) -> None:
 LEFTOVERS = {
     "a FIFO as sealed file, and a cache directory": sealed_file_a_fifo,
     "a symlink loop as sealed file, and a cache directory": sealed_file_a_symlink_loop,
+    "a symlink to nothing as sealed file, and a cache directory": sealed_file_a_symlink_to_nothing,
     "a sealed file, and a regular file as cache directory": cache_dir_a_file,
     "a cache directory alone": no_sealed_file,
     "a sealed file alone": sealed_file_only,
@@ -308,3 +315,62 @@ async def test_the_scan_looks_at_a_sector_found_whole_once_per_part_and_a_store_
         answer = await scanned(stores, "abc", number)
         assert answer.status == status, answer
         assert len(looked) == looks, looked
+
+
+async def test_a_symlink_to_nothing_is_said_to_be_one_not_a_file_that_does_not_exist(tmp_path):
+    # It was "does not exist", and a sector whose two files were such symlinks "not known":
+    # the name is there, its target is not (a store mounted elsewhere, a copy gone).
+    stores = empty_stores(tmp_path, "ab")
+    sealed_file_a_symlink_to_nothing(stores["a"], 7)
+    os.symlink(tmp_path / "elsewhere", cache_path(stores["a"], 8))
+    os.symlink(tmp_path / "elsewhere-too", sealed_path(stores["a"], 8))
+    sealed = sealed_path(stores["a"], 7)
+    answer = await scanned(stores, "ab")
+    assert (answer.status, answer.location) == ("missing", both_in(stores, "a"))
+    assert answer.detail == (
+        f"sector 7 of miner {MINER}: found in store a ({stores['a']}), but its sealed file"
+        f" {sealed} is a symlink to {stores['a'] / 'gone' / 's-replica'}, which does not exist;"
+        f" {BROKEN_ADVICE}"
+    )
+    both = await scanned(stores, "ab", 8)
+    assert both.status == "missing", both
+    assert f"is a symlink to {tmp_path / 'elsewhere'}, which does not exist" in both.detail
+    assert f"is a symlink to {tmp_path / 'elsewhere-too'}, which does not exist" in both.detail
+
+
+async def test_a_sector_in_no_store_where_a_store_cannot_be_looked_in_is_an_error_not_unknown(
+    tmp_path,
+):
+    # Store b's sealed/ and cache/ are files (a store path given wrong, a mount gone bad): a
+    # sector found nowhere was "not known to any provider", as if b had been looked in.
+    stores = empty_stores(tmp_path, "a")
+    stores["b"] = tmp_path / "b"
+    stores["b"].mkdir()
+    (stores["b"] / "sealed").write_bytes(b"")
+    (stores["b"] / "cache").write_bytes(b"")
+    whole(stores["a"], 5)
+    scan = StoreScan({name: str(root) for name, root in stores.items()})
+    async with SectorLocator([scan]) as locator:
+        found, nowhere = await locator.locate([SectorRef(MINER, 5), SectorRef(MINER, 6)])
+    assert (found.status, found.location) == ("found", both_in(stores, "a", 5))  # b not needed
+    assert nowhere.status == "error", nowhere
+    assert nowhere.detail == (
+        f"{scan.name}: sector 6 of miner {MINER}: not in the stores that could be looked in, and"
+        f" some could not: store b: {sealed_path(stores['b'], 6)}: Not a directory; store b:"
+        f" {cache_path(stores['b'], 6)}: Not a directory; check that those stores are mounted"
+        " and readable here; and no location of it is known from before"
+    )
+    with pytest.raises(SectorProviderError, match=r"store b: .*: Not a directory"):
+        await scan.find(SectorRef(MINER, 6))  # (find, without a batch, raises it)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root searches directories whatever their mode")
+async def test_a_store_whose_directory_cannot_be_searched_says_permission_denied(tmp_path):
+    stores = empty_stores(tmp_path, "ab")
+    (stores["b"] / "sealed").chmod(0)
+    try:
+        answer = await scanned(stores, "ab", 6)
+    finally:
+        (stores["b"] / "sealed").chmod(0o700)
+    assert answer.status == "error", answer
+    assert f"store b: {sealed_path(stores['b'], 6)}: Permission denied" in answer.detail

@@ -41,20 +41,22 @@ _KINDS = {
 }
 
 
-def look_at(path: str, want_dir: bool) -> tuple[str, bool]:
-    """(`path_problem`, whether something is at `path`: '' and True when it is what it should
+def look_at(path: str, want_dir: bool) -> tuple[str, bool | None]:
+    """(`path_problem`, whether something is at `path`): '' and True when it is what it should
     be; a why and True when something else is there (another type of file, a symlink that
-    loops); a why and False when nothing is there, or what is cannot be told (a directory on
-    the way that cannot be searched, an I/O error)). One stat(2), and one lstat(2) for a
-    symlink loop."""
+    loops or whose target does not exist); a why and False when nothing is there; a why and
+    None when what is there cannot be told (a directory on the way that cannot be searched or
+    is no directory, an I/O error). One stat(2), and one lstat(2) when it fails."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
+        if os.path.islink(path):  # the name itself is there: a symlink to nothing
+            return f"{path} is a symlink to {_target(path)}, which does not exist", True
         return f"{path} does not exist", False
     except OSError as exc:
         if exc.errno == errno.ELOOP and os.path.islink(path):  # the name itself, not a parent
             return f"{path} is a symlink loop (too many levels of symbolic links)", True
-        return f"{path}: {exc.strerror or exc}", False
+        return f"{path}: {exc.strerror or exc}", None
     except ValueError:  # a NUL character (a plugin's provider gave such a path)
         return f"{path!r} is not a path: it has a NUL character", False
     if want_dir and not stat.S_ISDIR(mode):
@@ -62,6 +64,14 @@ def look_at(path: str, want_dir: bool) -> tuple[str, bool]:
     if not want_dir and not stat.S_ISREG(mode):
         return f"{path} is {_kind(mode)}, not a regular file", True
     return "", True
+
+
+def _target(link: str) -> str:
+    """What the symlink `link` names (as it is written), or why that cannot be read."""
+    try:
+        return os.readlink(link)
+    except OSError as exc:  # gone or changed since the look
+        return f"a target that cannot be read ({exc.strerror or exc})"
 
 
 def _kind(mode: int) -> str:

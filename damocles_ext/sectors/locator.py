@@ -407,6 +407,8 @@ class SectorLocator:
                 if outcome.broken is None:
                     outcome.broken = (location, provider.name)
                 self._answered(provider.name)
+            elif isinstance(location, SectorProviderError):  # in a batch: that sector failed
+                self._source_error(provider.name, outcome, text_of(location))
             else:
                 message = f"{sector}: answered {text_of(location, repr):.300}, not a SectorLocation"
                 if isinstance(location, SectorLocation):  # a pathlib.Path, say

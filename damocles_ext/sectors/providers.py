@@ -16,8 +16,10 @@ on each (`jobs.client.RpcClient`). A source that cannot be reached is not asked 
 `StoreScan` looks for `<store>/sealed/s-t0<miner>-<number>` and `<store>/cache/…` in every store,
 in worker threads with a time bound (files.py): a stalled store makes it fail, never hang. A
 sector found in part (its cache directory there and its sealed file gone, or either of the wrong
-type: a FIFO, a symlink loop) is a `BrokenLocation` saying which store and what is wrong, not
-"not known". The first store holding both files whole is where a sector is; only when none does
+type: a FIFO, a symlink loop, a symlink to nothing) is a `BrokenLocation` saying which store and
+what is wrong, not "not known"; one found nowhere while a store could not be looked in (a
+directory on the way that cannot be searched or is none, an I/O error) fails its lookup, naming
+the store and why, not "not known" either. The first store holding both files whole is where a sector is; only when none does
 are they taken from two stores (damocles may keep them apart), never from a store with something
 of the sector's of the wrong type (a leftover). A sector whole in the k-th store costs k + 1
 looks; one found nowhere a look at each file in each store; one split over two stores a look at
@@ -79,6 +81,8 @@ BROKEN_ADVICE = (
 )
 #: What the scan answers for a sector: where it is, what is wrong with it, or None (not known).
 Found = SectorLocation | BrokenLocation | None
+#: What the scan answers for a sector in a batch: that, or why it could not tell.
+Scanned = Found | SectorProviderError
 #: What of the source's own error a lookup's reason shows: it is in every sector's answer and
 #: log line, and an answer may be 64 KiB (a chain of proxies' reasons take a few hundred).
 MAX_SHOWN = 1000
@@ -277,12 +281,13 @@ class StoreScan:
             for name in self.stores.stores
         ]
 
-    def _look(self, sectors: Sequence[SectorRef]) -> dict[SectorRef, Found]:
+    def _look(self, sectors: Sequence[SectorRef]) -> dict[SectorRef, Scanned]:
         """Blocking: each sector's files, looked for in each store. A sector with nothing of it
-        in any store is None (not known); one found in part, a `BrokenLocation` saying why."""
+        in any store is None (not known); one found in part, a `BrokenLocation` saying why; one
+        not found where a store could not be looked in, a SectorProviderError saying where."""
         return {sector: self._look_one(sector) for sector in sectors}
 
-    def _look_one(self, sector: SectorRef) -> Found:
+    def _look_one(self, sector: SectorRef) -> Scanned:
         """Blocking: the first store that holds both of the sector's files; else, as damocles
         may keep them, its sealed file from one store and its cache directory from another,
         neither from a store with something of the wrong type (a leftover: none of it is
@@ -291,11 +296,11 @@ class StoreScan:
         only when no store holds it whole, up to the first one to take."""
         paths = {kind: self.candidates(sector, kind) for kind in _KINDS}
         # (why not, something there) of each kind in each store, as it is looked at
-        looks: dict[str, list[tuple[str, bool] | None]] = {
+        looks: dict[str, list[tuple[str, bool | None] | None]] = {
             kind: [None] * len(paths[kind]) for kind in _KINDS
         }
 
-        def look(kind: str, i: int) -> tuple[str, bool]:
+        def look(kind: str, i: int) -> tuple[str, bool | None]:
             found = looks[kind][i]
             if found is None:
                 found = looks[kind][i] = look_at(paths[kind][i][1], kind == "cache")
@@ -338,7 +343,22 @@ class StoreScan:
         }
         parts = {kind: next((i for i in stores if whole(kind, i)), None) for kind in _KINDS}
         if parts == {"sealed": None, "cache": None} and not any(wrong.values()):
-            return None
+            # Nothing of it anywhere: not known, unless a store could not be looked in.
+            untold = [
+                (paths[kind][i][0], why)
+                for kind in _KINDS
+                for i in stores
+                for why, there in [look(kind, i)]
+                if there is None
+            ]
+            if not untold:
+                return None
+            shown = "; ".join(f"store {store}: {why}" for store, why in untold[:2])
+            more = f" (and {len(untold) - 2} more)" if len(untold) > 2 else ""
+            return SectorProviderError(
+                f"{sector}: not in the stores that could be looked in, and some could not:"
+                f" {shown}{more}; check that those stores are mounted and readable here"
+            )
         if None not in parts.values():
             # Each part whole somewhere, but one only beside a leftover: said of the first store
             # with a leftover and a part whole (what is wrong there is what to put right).
@@ -395,8 +415,9 @@ class StoreScan:
             f" {' and '.join(problems)}; {BROKEN_ADVICE}",
         )
 
-    async def find_batch(self, sectors: Sequence[SectorRef]) -> dict[SectorRef, Found]:
-        """The sectors' locations, one worker thread for the batch."""
+    async def find_batch(self, sectors: Sequence[SectorRef]) -> dict[SectorRef, Scanned]:
+        """The sectors' locations, one worker thread for the batch (a SectorProviderError for
+        a sector it could not tell of)."""
         try:
             return await in_thread(self._look, sectors, limiter=self.limiter, timeout=self.timeout)
         except (TimeoutError, NoThreadError) as exc:
@@ -404,7 +425,10 @@ class StoreScan:
             raise SectorProviderError(f"{what}: scanning the stores: {exc}") from None
 
     async def find(self, sector: SectorRef) -> Found:
-        return (await self.find_batch([sector]))[sector]
+        found = (await self.find_batch([sector]))[sector]
+        if isinstance(found, SectorProviderError):
+            raise found
+        return found
 
 
 def _other_stores(stores: Mapping[str, str], but: str) -> str:
