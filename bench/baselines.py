@@ -72,6 +72,15 @@ def _floor_speaking_dext() -> str:
     left unanswered; each request served with the floor's very lines."""
     steps = (
         (
+            "def read(n):\n",
+            (
+                "def write(fd, obj):\n"
+                "    out = encode(obj)\n"
+                '    os.write(fd, len(out).to_bytes(4, "big") + out)\n'
+                "def read(n):\n"
+            ),
+        ),
+        (
             "while True:\n",
             (
                 'write(1, {"type": "hello", "protocol": dext_version, "stage": "window_post",'
@@ -90,13 +99,7 @@ def _floor_speaking_dext() -> str:
         ),
         ('"output": {"proofs"', '"output": {"stage": "window_post", "proofs"'),
     )
-    text = FLOOR_CHILD.replace(
-        "def read(n):\n",
-        "def write(fd, obj):\n"
-        "    out = encode(obj)\n"
-        '    os.write(fd, len(out).to_bytes(4, "big") + out)\n'
-        "def read(n):\n",
-    )
+    text = FLOOR_CHILD
     for old, new in steps:
         if text.count(old) != 1:
             raise RuntimeError(f"FLOOR_CHILD changed: {old!r} is not in it once")
@@ -110,7 +113,10 @@ def floor_child_config(tmp: Path, count: int = 1) -> str:
     a round trip is the supervisor's. Not a floor: the supervisor is our code."""
     program = tmp / "floor_child.py"
     program.write_text(_floor_speaking_dext())
-    quoted = json.dumps  # (a TOML basic string, as JSON writes one)
+
+    def quoted(text: str) -> str:  # a TOML basic string, as JSON writes one (not in \u pairs)
+        return json.dumps(text, ensure_ascii=False)
+
     block = f"[[WdPost]]\nBin = {quoted(sys.executable)}\nArgs = [{quoted(str(program))}]\n"
     return (block + 'Protocol = "dext"\n') * count
 

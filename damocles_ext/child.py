@@ -228,10 +228,6 @@ class ChildRuntime:
         state_lock = self._state_lock
         write_lock.acquire()
         try:
-            # The answer first, then the bookkeeping: the parent reads it the sooner. Under
-            # the write lock nothing else is written in between (a heartbeat's Progress takes
-            # the write lock, then sees the job done).
-            self._write(data)
             state_lock.acquire()
             try:
                 job.state = "done"
@@ -241,6 +237,7 @@ class ChildRuntime:
                     self._all_done.notify_all()
             finally:
                 state_lock.release()
+            self._write(data)
         finally:
             write_lock.release()
 

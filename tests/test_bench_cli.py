@@ -226,6 +226,10 @@ def test_a_tiny_supervisor_benchmark_prints_and_saves_every_goal_judged_on_every
     assert _results_snapshot() == before
     results = json.loads((tmp_path / "supervisor-quick.json").read_text())["results"]
     assert results["config"]["idle_windows"] == 2
+    # The API with the floor's child behind it: its round trips and its ratio, every repeat.
+    floor_child = results["ratios"]["round_trip_p50_api_floor_child_vs_floor"]
+    assert len(floor_child["runs"]) == 2 and floor_child["min"] > 0
+    assert len(results["round_trip"]["api_floor_child"]["p50_s"]["runs"]) == 2
     goals = results["goals"]
     for key, figure, runs in (
         ("redispatch_under_50ms", results["redispatch"]["per_repeat"]["max_ms"], 2),

@@ -354,14 +354,29 @@ async def test_a_sector_in_no_store_where_a_store_cannot_be_looked_in_is_an_erro
         found, nowhere = await locator.locate([SectorRef(MINER, 5), SectorRef(MINER, 6)])
     assert (found.status, found.location) == ("found", both_in(stores, "a", 5))  # b not needed
     assert nowhere.status == "error", nowhere
-    assert nowhere.detail == (
-        f"{scan.name}: sector 6 of miner {MINER}: not in the stores that could be looked in, and"
-        f" some could not: store b: {sealed_path(stores['b'], 6)}: Not a directory; store b:"
-        f" {cache_path(stores['b'], 6)}: Not a directory; check that those stores are mounted"
-        " and readable here; and no location of it is known from before"
+    untold = (
+        f"store b ({sealed_path(stores['b'], 6)}: Not a directory; {cache_path(stores['b'], 6)}:"
+        " Not a directory)"
     )
-    with pytest.raises(SectorProviderError, match=r"store b: .*: Not a directory"):
+    assert nowhere.detail == (
+        f"{scan.name}: sector 6 of miner {MINER}: not in the stores looked in, and some could"
+        f" not be: {untold}; check that the stores are mounted and readable here; and no location"
+        " of it is known from before"
+    )
+    with pytest.raises(SectorProviderError, match=r"store b \(.*: Not a directory\)"):
         await scan.find(SectorRef(MINER, 6))  # (find, without a batch, raises it)
+    # Found in part in store a: what it lacks is not said to be missing from store b too.
+    sealed_file_only(stores["a"], 6)
+    part = await scanned(stores, "ab", 6)
+    assert (part.status, part.location) == ("missing", both_in(stores, "a", 6))
+    assert part.detail == (
+        f"sector 6 of miner {MINER}: found in store a ({stores['a']}), but its cache directory"
+        f" {cache_path(stores['a'], 6)} does not exist; {untold} could not be looked in;"
+        f" {BROKEN_ADVICE}"
+    )
+    alone = StoreScan({"b": str(stores["b"])})
+    with pytest.raises(SectorProviderError, match=r": no store could be looked in: store b \("):
+        await alone.find(SectorRef(MINER, 6))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root searches directories whatever their mode")
@@ -373,4 +388,4 @@ async def test_a_store_whose_directory_cannot_be_searched_says_permission_denied
     finally:
         (stores["b"] / "sealed").chmod(0o700)
     assert answer.status == "error", answer
-    assert f"store b: {sealed_path(stores['b'], 6)}: Permission denied" in answer.detail
+    assert f"store b ({sealed_path(stores['b'], 6)}: Permission denied)" in answer.detail

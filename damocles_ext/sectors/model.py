@@ -143,10 +143,10 @@ class SectorProvider(Protocol):
     (up to `Bounds.concurrency`), and is cancelled when its time is up: it must not block the
     loop (run blocking I/O with `trio.to_thread.run_sync(..., abandon_on_cancel=True)`).
     An optional `async aclose()` is awaited when the locator closes. An optional
-    `async find_batch(sectors) -> Mapping[SectorRef, SectorLocation | None]` is used instead of
-    `find` for several sectors at once (a sector missing from its answer: not known; one
-    answered a SectorProviderError: its lookup failed, as if `find` raised it); the time
-    bound of one lookup then holds for the whole batch. `find` may also answer a
+    `async find_batch(sectors) -> Mapping[SectorRef, SectorLocation | BrokenLocation |
+    SectorProviderError | None]` is used instead of `find` for several sectors at once (a
+    sector missing from its answer: not known; one answered a SectorProviderError: its lookup
+    failed, with that message); the time bound of one lookup then holds for the whole batch. `find` may also answer a
     `BrokenLocation`: the sector found in part, what is wrong with the rest."""
 
     @property

@@ -342,22 +342,23 @@ class StoreScan:
             for kind in _KINDS
         }
         parts = {kind: next((i for i in stores if whole(kind, i)), None) for kind in _KINDS}
+        untold: dict[str, list[str]] = {}  # store -> why each look in it could not tell
+        for i in stores:
+            for kind in _KINDS:
+                if (found := look(kind, i))[1] is None:
+                    untold.setdefault(paths[kind][i][0], []).append(found[0])
         if parts == {"sealed": None, "cache": None} and not any(wrong.values()):
             # Nothing of it anywhere: not known, unless a store could not be looked in.
-            untold = [
-                (paths[kind][i][0], why)
-                for kind in _KINDS
-                for i in stores
-                for why, there in [look(kind, i)]
-                if there is None
-            ]
             if not untold:
                 return None
-            shown = "; ".join(f"store {store}: {why}" for store, why in untold[:2])
-            more = f" (and {len(untold) - 2} more)" if len(untold) > 2 else ""
+            which = (
+                "no store could be looked in"
+                if len(untold) == len(self.stores.stores)
+                else "not in the stores looked in, and some could not be"
+            )
             return SectorProviderError(
-                f"{sector}: not in the stores that could be looked in, and some could not:"
-                f" {shown}{more}; check that those stores are mounted and readable here"
+                f"{sector}: {which}: {_untold(untold)}; check that the stores are mounted and"
+                " readable here"
             )
         if None not in parts.values():
             # Each part whole somewhere, but one only beside a leftover: said of the first store
@@ -370,6 +371,7 @@ class StoreScan:
             sector,
             {kind: None if i is None else paths[kind][i] for kind, i in parts.items()},
             wrong,
+            untold,
         )
 
     def _broken(
@@ -377,13 +379,16 @@ class StoreScan:
         sector: SectorRef,
         parts: dict[str, tuple[str, str] | None],
         wrong: dict[str, list[tuple[str, str, str]]],
+        untold: dict[str, list[str]],
     ) -> BrokenLocation:
         """Blocking: what is wrong with a sector found in part (`parts`: the (store, path) of
         its sealed file and cache directory, None for one not found; `wrong`: by kind, each
-        (store, path, why) where something else is)."""
+        (store, path, why) where something else is; `untold`: the stores that could not be
+        looked in, and why)."""
         there = [part[0] for part in parts.values() if part is not None]
         anchor = (there or [w[0] for kind in _KINDS for w in wrong[kind]])[0]
-        others = len(self.stores.stores) - 1
+        looked_in = {name: path for name, path in self.stores.stores.items() if name not in untold}
+        others = len(looked_in) - (anchor in looked_in)
         where: dict[str, tuple[str, str]] = {}
         problems = []
         for kind in _KINDS:
@@ -404,8 +409,10 @@ class StoreScan:
                 where[kind] = (anchor, path)
                 whys = path_problem(path, want_dir) or f"{path} was not there when looked at"
                 if others:
-                    whys += f" (nor in {_other_stores(self.stores.stores, anchor)})"
+                    whys += f" (nor in {_other_stores(looked_in, anchor)})"
             problems.append(f"its {what} {whys}")
+        if untold:
+            problems[-1] += f"; {_untold(untold)} could not be looked in"
         location = SectorLocation(
             where["sealed"][1], where["cache"][1], where["sealed"][0], where["cache"][0]
         )
@@ -429,6 +436,13 @@ class StoreScan:
         if isinstance(found, SectorProviderError):
             raise found
         return found
+
+
+def _untold(untold: dict[str, list[str]]) -> str:
+    """'store b (why; why)', 'stores b (why), c (why)': the stores that could not be looked
+    in, the first 3 with why."""
+    shown = [f"{store} ({'; '.join(whys)})" for store, whys in list(untold.items())[:3]]
+    return ("store " if len(untold) == 1 else "stores ") + some_and_more(shown, len(untold))
 
 
 def _other_stores(stores: Mapping[str, str], but: str) -> str:
