@@ -152,6 +152,24 @@ async def test_when_refusals_are_final_only_an_exit_2_before_ready_is_fatal_a_cr
         assert (child.state, child.restarts, child.start_refused) == ("ready", 1, False)
 
 
+async def test_a_refused_start_retried_as_run_retries_it_is_no_longer_said_once_ready(tmp_path):
+    # Under `run`'s policy an exit 2 before the ready message is retried; the start after it
+    # that says ready is no refusal: statistics (and prove, which reads it) say so.
+    envs = {"MARKDIR": str(tmp_path), "CODE": "2"}
+    sup = Supervisor(
+        [spec(dext_child(setup=_FAILS_ITS_FIRST_START), envs=envs)],
+        backoff=BackoffPolicy(base=0.01, cap=0.02),
+    )
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sup.run)
+            await sup.wait_ready()
+            (child,) = sup.statistics().children
+            sup.request_shutdown()
+    assert (child.state, child.restarts, child.start_refused) == ("ready", 1, False)
+    assert "exit code 2" in (child.last_exit or ""), child.last_exit
+
+
 async def test_a_child_exiting_2_after_its_ready_message_is_no_refused_start():
     # Exit code 2 says "cannot load" only before the ready message: a prover that loaded and
     # then exits 2 on a request is a crash. prove reads start_refused to tell a config to fix
