@@ -205,7 +205,10 @@ async def test_a_worker_paused_by_prover_failures_says_so_in_its_metrics_and_sta
     # After 3 proofs failed in a row it takes no job for 30 s: before, only a log line said so,
     # and its metrics (manager reachable, no job held) and status looked like an idle worker's.
     kids = children(tmp_path, plugin_block("WdPost", "sleep", seconds=0, fail="always"))
-    served = Served(rig, tmp_path, kids, shutdown_grace=0.2)
+    # The jobs are created once the worker runs (its metrics scraped before any failure): it
+    # may have asked for jobs before there were any, and it asks again after idle_poll (600 s
+    # in these tests: the test timed out when it did).
+    served = Served(rig, tmp_path, kids, shutdown_grace=0.2, idle_poll=0.05)
     async with serving(rig, served) as worker:
         before = await served.scrape()
         for seed in range(5):
