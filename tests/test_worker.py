@@ -695,6 +695,21 @@ async def test_a_proof_longer_than_the_grace_is_cancelled_and_left_to_the_heartb
     assert not logged(caplog, "could not be delivered"), caplog.text
 
 
+async def test_proofs_failing_while_the_worker_stops_start_no_pause(rig, tmp_path, caplog):
+    # Three proofs failing in a row pause a worker (no job for 30 s, so that other workers
+    # take them); failing while it stops, they would pause a worker that takes no job anyway,
+    # and say so in its log and metrics: none is counted nor logged.
+    for seed in range(3):
+        await rig.jobs.create(job_input(seed=seed))
+    block = plugin_block("WdPost", "sleep", concurrent=3, seconds=1.5, fail="always")
+    worker = Worker(rig.settings(children(tmp_path, block), shutdown_grace=30.0, max_jobs=3))
+    await run_until(rig, worker, lambda: len(worker.held) == 3)  # then stopped, within 1.5 s
+    assert worker.counters.pulled == 3 and worker.counters.delivered == 3  # (3 failures)
+    assert worker.counters.failed == 3
+    assert worker.counters.pauses == 0 and worker.paused() is None
+    assert not logged(caplog, "proofs failed here in a row"), caplog.text
+
+
 async def test_a_second_sigterm_stops_the_worker_command_at_once_naming_the_jobs_it_held(
     rig, tmp_path
 ):
