@@ -194,7 +194,7 @@ class RpcClient:
     @property
     def server_date(self) -> float | None:
         """The Date of the last answer (unix time, to the second; None: none, or unreadable):
-        the server's clock, as the worker compares it with its own."""
+        what `answer_clock` falls back to when the answer has no CLOCK_HEADER."""
         return _http_date(self._last_headers)
 
     @property
