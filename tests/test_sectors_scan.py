@@ -299,14 +299,14 @@ async def test_the_scan_looks_at_a_sector_found_whole_once_per_part_and_a_store_
     sealed_file_only(stores["a"], 4)  # split: its cache directory in b
     cache_path(stores["b"], 4).mkdir()
     looked: list[str] = []
-    real_stat = os.stat
+    real_lstat = os.lstat
 
-    def counting_stat(path, *args, **kwargs):
+    def counting_lstat(path, *args, **kwargs):  # (a look is one, and a stat for a symlink)
         if str(path).startswith(str(tmp_path)):
             looked.append(str(path))
-        return real_stat(path, *args, **kwargs)
+        return real_lstat(path, *args, **kwargs)
 
-    monkeypatch.setattr(os, "stat", counting_stat)
+    monkeypatch.setattr(os, "lstat", counting_lstat)
     # 2: a's and b's sealed file, then c's and its cache directory; 3: nowhere, each part in
     # each store; 4: each sealed file, a's cache directory, then b's (c's is not looked at).
     for number, looks, status in ((1, 2, "found"), (2, 4, "found"), (3, 6, "not_found"),

@@ -46,19 +46,24 @@ def look_at(path: str, want_dir: bool) -> tuple[str, bool | None]:
     be; a why and True when something else is there (another type of file, a symlink that
     loops or whose target does not exist); a why and False when nothing is there; a why and
     None when what is there cannot be told (a directory on the way that cannot be searched or
-    is no directory, an I/O error). One stat(2), and one lstat(2) when it fails."""
+    is no directory, an I/O error). One lstat(2), and one stat(2) for a symlink."""
     try:
-        mode = os.stat(path).st_mode
+        mode = os.lstat(path).st_mode
     except FileNotFoundError:
-        if os.path.islink(path):  # the name itself is there: a symlink to nothing
-            return f"{path} is a symlink to {_target(path)}, which does not exist", True
         return f"{path} does not exist", False
     except OSError as exc:
-        if exc.errno == errno.ELOOP and os.path.islink(path):  # the name itself, not a parent
-            return f"{path} is a symlink loop (too many levels of symbolic links)", True
         return f"{path}: {exc.strerror or exc}", None
     except ValueError:  # a NUL character (a plugin's provider gave such a path)
         return f"{path!r} is not a path: it has a NUL character", False
+    if stat.S_ISLNK(mode):  # what it names
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            return f"{path} is a symlink to {_target(path)}, which does not exist", True
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return f"{path} is a symlink loop (too many levels of symbolic links)", True
+            return f"{path}: {exc.strerror or exc}", None
     if want_dir and not stat.S_ISDIR(mode):
         return f"{path} is {_kind(mode)}, not a directory", True
     if not want_dir and not stat.S_ISREG(mode):

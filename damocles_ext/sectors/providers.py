@@ -19,11 +19,12 @@ sector found in part (its cache directory there and its sealed file gone, or eit
 type: a FIFO, a symlink loop, a symlink to nothing) is a `BrokenLocation` saying which store and
 what is wrong, not "not known"; one found nowhere while a store could not be looked in (a
 directory on the way that cannot be searched or is none, an I/O error) fails its lookup, naming
-the store and why, not "not known" either. The first store holding both files whole is where a sector is; only when none does
-are they taken from two stores (damocles may keep them apart), never from a store with something
-of the sector's of the wrong type (a leftover). A sector whole in the k-th store costs k + 1
-looks; one found nowhere a look at each file in each store; one split over two stores a look at
-each sealed file and at the cache directories up to the one taken.
+the store and why, not "not known" either. The first store holding both files whole is where a
+sector is; only when none does are they taken from two stores (damocles may keep them apart),
+never from a store with something of the sector's of the wrong type (a leftover). A sector whole
+in the k-th store costs k + 1 looks; one found nowhere a look at each file in each store; one
+split over two stores a look at each sealed file and at the cache directories up to the one
+taken.
 """
 
 from __future__ import annotations
@@ -331,22 +332,18 @@ class StoreScan:
                 paths["sealed"][sealed_at][0],
                 paths["cache"][cache_at][0],
             )
-        # Rare: what is wrong, everything looked at.
-        wrong = {
-            kind: [
-                (*paths[kind][i], why)
-                for i in stores
-                for why, there in [look(kind, i)]
-                if why and there
-            ]
-            for kind in _KINDS
-        }
-        parts = {kind: next((i for i in stores if whole(kind, i)), None) for kind in _KINDS}
-        untold: dict[str, list[str]] = {}  # store -> why each look in it could not tell
+        # Rare: what is wrong, everything looked at. `wrong`: by kind, (store, path, why) where
+        # something else is; `untold`: by store, why each look in it could not tell.
+        wrong: dict[str, list[tuple[str, str, str]]] = {kind: [] for kind in _KINDS}
+        untold: dict[str, list[str]] = {}
         for i in stores:
             for kind in _KINDS:
-                if (found := look(kind, i))[1] is None:
-                    untold.setdefault(paths[kind][i][0], []).append(found[0])
+                why, there = look(kind, i)
+                if why and there:
+                    wrong[kind].append((*paths[kind][i], why))
+                elif there is None:
+                    untold.setdefault(paths[kind][i][0], []).append(why)
+        parts = {kind: next((i for i in stores if whole(kind, i)), None) for kind in _KINDS}
         if parts == {"sealed": None, "cache": None} and not any(wrong.values()):
             # Nothing of it anywhere: not known, unless a store could not be looked in.
             if not untold:
@@ -438,18 +435,21 @@ class StoreScan:
         return found
 
 
+def _stores(shown: list[str], total: int) -> str:
+    """'store b', 'stores b, c', 'stores b, c, d and 5 more': the first 3 of `total` stores."""
+    return ("store " if total == 1 else "stores ") + some_and_more(shown[:3], total)
+
+
 def _untold(untold: dict[str, list[str]]) -> str:
     """'store b (why; why)', 'stores b (why), c (why)': the stores that could not be looked
-    in, the first 3 with why."""
-    shown = [f"{store} ({'; '.join(whys)})" for store, whys in list(untold.items())[:3]]
-    return ("store " if len(untold) == 1 else "stores ") + some_and_more(shown, len(untold))
+    in, with why."""
+    return _stores([f"{store} ({'; '.join(whys)})" for store, whys in untold.items()], len(untold))
 
 
 def _other_stores(stores: Mapping[str, str], but: str) -> str:
-    """'store b', 'stores b, c', 'stores b, c, d and 5 more': the stores other than `but`."""
+    """The stores other than `but` (`_stores`)."""
     others = [name for name in stores if name != but]
-    shown = some_and_more(others[:3], len(others))
-    return f"store {shown}" if len(others) == 1 else f"stores {shown}"
+    return _stores(others, len(others))
 
 
 def builtin_providers(

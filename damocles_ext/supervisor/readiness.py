@@ -24,11 +24,6 @@ def run_going(sup: Supervisor, what: str) -> bool:
     begun (it waits for one starting) or is over (it checks the caller is in a trio run)."""
     if sup._token is None or sup._finished:
         return False
-    try:  # (the common case without check_trio_run's call and import: per request)
-        if trio.lowlevel.current_trio_token() is sup._token:
-            return True
-    except RuntimeError:  # outside any trio run: check_trio_run says so
-        pass
     check_trio_run(what, sup._token)
     return True
 
