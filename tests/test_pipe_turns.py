@@ -3,6 +3,8 @@
 Real child processes; the clock is a MockClock that stands still unless a test jumps it, so the
 reader task, off an idle child's pipe for LINGER, never takes it back on its own here: an answer
 that needs it comes only if something woke it. A trio instrument counts the reader's steps.
+Each test runs with a caller that sleeps on the pipe at once, and with one that polls it first
+for up to 50 ms (SPIN, real time) once its child answered quickly.
 """
 
 from __future__ import annotations
@@ -20,14 +22,20 @@ from helpers.supervisor import child_stats, dext_child, spec, wait_until_real, w
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.errors import ProverError
-from damocles_ext.supervisor import child_loop
+from damocles_ext.supervisor import child_loop, pipe_turns
 from damocles_ext.supervisor.pipe_turns import LINGER
 
-pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+pytestmark = pytest.mark.usefixtures("no_leftover_processes", "polling")
 
 HELD = 7  # the fake child holds a request of this miner until SIGUSR1 or its Cancel
 TALKATIVE = 9  # it reports progress three times before it answers a request of this miner
 GARBAGE = 666  # it answers a request of this miner with bytes no dext frame starts with
+FLOOD = 777  # it sends progress on a request of this miner without end until SIGUSR1
+
+
+@pytest.fixture(params=[0.0, 0.05], ids=["sleeps", "polls"])
+def polling(request, monkeypatch) -> None:
+    monkeypatch.setattr(pipe_turns, "SPIN", request.param)
 
 
 def fake_child(late_cancels: bool = False, capacity: int = 1) -> list[str]:
@@ -41,6 +49,10 @@ def fake_child(late_cancels: bool = False, capacity: int = 1) -> list[str]:
             for done in range(3):
                 send(dext.Progress(msg.id, "vanilla", done, 3))
             answer(msg)
+        elif msg.task.miner_id == FLOOD:
+            while not flood_over:
+                send(dext.Progress(msg.id, "vanilla", 0, 1))
+            answer(msg)
         elif msg.task.miner_id == GARBAGE:
             out.write(b"\\xff" * 8)  # a frame longer than any allowed
             out.flush()
@@ -50,8 +62,10 @@ def fake_child(late_cancels: bool = False, capacity: int = 1) -> list[str]:
         setup=f"""
         import signal
         HELD, GARBAGE, TALKATIVE, LATE_CANCELS = {HELD}, {GARBAGE}, {TALKATIVE}, {late_cancels}
-        held, cancelled = [], []
+        FLOOD = {FLOOD}
+        held, cancelled, flood_over = [], [], []
         def answer_held(*_):
+            flood_over.append(True)
             while held:
                 answer(held.pop())
             for m in cancelled:
@@ -362,3 +376,72 @@ async def test_callers_front_ends_and_cancels_mixed_leave_nothing_unread(mock_cl
         assert child_stats(sup).done == len(expected)
         await wait_until_real(lambda: child_stats(sup).in_flight == 0, what="nothing in flight")
         assert process(sup).proc.pid == pid and child_stats(sup).restarts == 0
+
+
+async def quick_now(sup) -> None:
+    """Requests answered at once until the child's pipe is polled for the next answer."""
+    for miner in range(20, 30):
+        if process(sup).turn.quick:
+            return
+        assert who(await sup.submit(window_task(miner=miner)))[0] == miner
+    raise AssertionError(f"no answer within SPIN ({pipe_turns.SPIN} s) in 10 tries")
+
+
+async def test_a_submit_answered_while_its_caller_polls_lets_the_other_tasks_run(
+    mock_clock, monkeypatch
+):
+    monkeypatch.setattr(pipe_turns, "SPIN", 10.0)  # every answer comes within the poll
+    async with warmed([spec(CHILD)]) as sup:
+        await quick_now(sup)
+        steps = ReaderSteps()
+        trio.lowlevel.add_instrument(steps)
+        try:
+            for miner in range(40, 70):
+                assert process(sup).turn.quick
+                with trio.testing.assert_checkpoints():  # a cancel point and a schedule point
+                    assert who(await sup.submit(window_task(miner=miner)))[0] == miner
+        finally:
+            trio.lowlevel.remove_instrument(steps)
+        assert steps.steps == 0 and child_stats(sup).in_flight == 0
+
+
+async def test_a_child_slow_to_answer_is_not_polled_for_until_it_answers_quickly_again(
+    mock_clock, monkeypatch
+):
+    monkeypatch.setattr(pipe_turns, "SPIN", 0.2)
+    results: dict = {}
+    async with warmed([spec(CHILD)]) as sup:
+        await quick_now(sup)
+        turn = process(sup).turn
+        async with trio.open_nursery() as nursery:
+            # The caller polls for 0.2 s (this task cannot run meanwhile), then sleeps on the
+            # pipe: the held request is answered only after that.
+            await held_by_a_caller(sup, nursery, results)
+            await wait_until_real(lambda: turn.caller.reading_fd, what="the caller asleep")
+            os.kill(process(sup).proc.pid, signal.SIGUSR1)
+        assert who(results[HELD])[0] == HELD
+        assert not turn.quick  # the next caller sleeps on the pipe at once
+        assert who(await sup.submit(window_task(miner=3)))[0] == 3  # answered within SPIN
+        assert turn.quick
+
+
+async def test_a_child_flooding_its_pipe_while_its_caller_polls_stops_the_poll_at_spin(
+    mock_clock, monkeypatch
+):
+    monkeypatch.setattr(pipe_turns, "SPIN", 0.05)
+    seen: list = []
+    results: dict = {}
+    async with warmed([spec(CHILD)]) as sup:
+        await quick_now(sup)
+
+        async def caller() -> None:
+            results[FLOOD] = await sup.submit(window_task(miner=FLOOD), on_progress=seen.append)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(caller)
+            # This task runs again only once the poll gave up (the flood never lets the run
+            # loop be idle: no wait_all_tasks_blocked here).
+            while not seen:
+                await trio.lowlevel.checkpoint()
+            os.kill(process(sup).proc.pid, signal.SIGUSR1)
+        assert who(results[FLOOD])[0] == FLOOD and child_stats(sup).restarts == 0
