@@ -13,7 +13,8 @@
 * Labelled as what it is, not a floor: our own child runtime (`damocles-ext child`) driven by the
   same blocking parent (`OwnChildBlocking`): the child's share without the supervisor; and the
   floor child speaking dext behind our supervisor (`floor_child_config`): the supervisor's share
-  without our child runtime.
+  without our child runtime; and the floor with its parent polling the pipe for the answer before
+  it blocks, as our API's caller does (`PipeFloorPolling`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -183,6 +185,41 @@ class PipeFloor:
         self.proc.stdin.close()
         self.proc.wait(10)
         self.proc.stdout.close()
+
+
+class PipeFloorPolling(PipeFloor):
+    """The floor with the poll our API's caller makes (supervisor/pipe_turns.py): after its
+    write the parent reads the pipe without blocking for up to `spin` seconds, then blocks."""
+
+    label = "msgspec child, Python parent polling like ours (not the floor)"
+
+    def __init__(self, task: Task, spin: float) -> None:
+        super().__init__(task)
+        self.spin = spin
+        self.poller = select.poll()
+        self.poller.register(self.rout, select.POLLIN)
+        os.set_blocking(self.rout, False)
+
+    def prove(self, task: Task | None = None) -> bytes:
+        self.ids += 1
+        self.request["id"] = self.ids
+        payload = self.encode(self.request)
+        os.write(self.win, len(payload).to_bytes(4, "big") + payload)
+        data, until = b"", time.perf_counter() + self.spin
+        while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4]):
+            try:
+                chunk = os.read(self.rout, 65536)
+            except BlockingIOError:
+                if time.perf_counter() >= until:
+                    self.poller.poll()
+                continue
+            if not chunk:
+                raise RuntimeError("the child closed its stdout")
+            data += chunk
+        answer = self.decode(data[4:])
+        if answer["id"] != self.ids:
+            raise RuntimeError(f"floor child answered {answer['id']} to request {self.ids}")
+        return answer["output"]["proofs"][0]
 
 
 class OwnChildBlocking:

@@ -12,15 +12,15 @@ repeat met it. The trivial task is a 1-replica WindowPoSt; our children run the 
   (`await Supervisor.submit(task)` in this process, 1 child) against the floor, a minimal msgspec
   child over a blocking pipe driven by a plain Python parent (bench/baselines.py), with the C-to-C
   pipe beside it; also shown: the control socket (`damocles-ext run` in its own process), our own
-  child runtime driven by the same blocking parent (not a floor: it is our code), and the process
-  pools. Goal: API p50 <= 3x the floor's.
+  child runtime driven by the same blocking parent (not a floor: it is our code), the floor with
+  its parent polling the pipe as the API's caller does (not a floor), and the process pools.
+  Goal: API p50 <= 3x the floor's.
 * CPU per request at 1 in flight: our child runtime's against the floor child's, both driven by
   the same blocking Python parent, each read from the child process's CPU-time clock
   (clock_getcpuclockid, to the nanosecond). Goal: <= 2x. Like with like: a child's CPU per
-  request depends on its parent's pace (a child that sleeps longer between requests pays more to
-  wake up); the same floor child costs about twice as much under the trio reference as under the
-  blocking parent. The round-trip table shows our child under the API beside them.
-  (bench/bench_child.py measures this goal on its own, one at a time and pipelined.)
+  request depends on its parent's pace (the floor child's doubles under the trio reference).
+  The round-trip table shows our child under the API beside them (bench/bench_child.py measures
+  this goal on its own, one at a time and pipelined).
 * Throughput, 2 children, --in-flight requests (256) outstanding at any time: the API against
   `multiprocessing.Pool(2)`, ProcessPoolExecutor(2) and loky (2 workers), all calling the same
   trivial function; the floor's 2 msgspec children, one blocking thread each, beside them. Each
@@ -53,10 +53,9 @@ repeat met it. The trivial task is a 1-replica WindowPoSt; our children run the 
 * Idle: `damocles-ext run` with 8 echo children and nothing to do, watched 1 s after start-up in
   --idle-windows (4) windows of --idle-seconds (10 s) in a row: each window's CPU, read from the
   process's CPU-time clock, and its RSS at the window's end. Goals: < 0.5% of a core, < 60 MB, in
-  every window. Fewer windows than repeats, and not shorter ones: an idle supervisor wakes every
-  10 s (the orphan sweep's interval) for a few ms of CPU, so a shorter window holds the whole of
-  one wake-up or none and says when it fell, not what idling costs; 8 windows of 10 s would add
-  70 s to the run, 4 add 30 s. (docs/BENCHMARKS.md says what the JSON holds.)
+  every window. Not shorter windows: an idle supervisor wakes every 10 s (the orphan sweep) for a
+  few ms of CPU, so a shorter window says when a wake-up fell, not what idling costs; 4 windows,
+  not 8, to keep the run short. (docs/BENCHMARKS.md says what the JSON holds.)
 """
 
 from __future__ import annotations
@@ -78,6 +77,7 @@ from bench.baselines import (
     OwnChildBlocking,
     Peer,
     PipeFloor,
+    PipeFloorPolling,
     TrioDirect,
     TrioDispatcher,
     c_pipe,
@@ -110,6 +110,7 @@ from damocles_ext.commands.common import _positive_float, positive_int
 from damocles_ext.config import parse_config
 from damocles_ext.protocol import dext
 from damocles_ext.supervisor.core import Supervisor
+from damocles_ext.supervisor.pipe_turns import SPIN
 from damocles_ext.tasks import Task
 
 DEFAULTS = {
@@ -192,7 +193,7 @@ async def round_trips(
 
     cfg = tmp / "round-trip.cfg"
     cfg.write_text(config_text("echo", 1))
-    floor = PipeFloor(task)
+    floor, polling = PipeFloor(task), PipeFloorPolling(task, SPIN)
     reference = TrioDispatcher(task, 1)
     least = TrioDirect(task)
     own = OwnChildBlocking(config_text("echo", 1))
@@ -217,6 +218,7 @@ async def round_trips(
             async with connect(run.socket_path) as client:
                 ways = [
                     Way("floor", floor.prove, pids=[floor.pid]),
+                    Way("floor_polling", polling.prove, pids=[polling.pid]),
                     Way("own_child_blocking", lambda: own.prove(task), pids=[own.pid]),
                     Way("api", lambda: sup.submit(task), True, [child.pid]),
                     Way("api_floor_child", lambda: sup_floor.submit(task), True, [floor_child.pid]),
@@ -229,11 +231,9 @@ async def round_trips(
                     for _ in range(WARMUP):
                         await _call(way)
                 for r in range(repeat):
-                    # Each repeat takes its n round trips per way in SLICES turns, the ways one
-                    # after the other in each turn: the machine's state drifts (its wake-up cost
-                    # moves tenfold on a shared VM), and a ratio within a repeat is then of ways
-                    # measured over the same stretch of time. A different way goes first in each
-                    # turn: no way always follows another.
+                    # n round trips per way in SLICES turns, the ways in a rotating order: this
+                    # VM's wake-up cost drifts tenfold, and a ratio within a repeat is then of
+                    # ways measured over the same stretch of time.
                     samples = {way.name: _Sample() for way in ways}
                     for turn in range(SLICES):
                         for way in rotated(ways, r * SLICES + turn):
@@ -248,6 +248,7 @@ async def round_trips(
             nursery.cancel_scope.cancel()  # the reference's readers
     finally:
         floor.close()
+        polling.close()
         reference.close()
         least.close()
         own.close()
@@ -420,6 +421,7 @@ def report(
     """Print the tables and the goals; returns the figures and the goals for the JSON."""
     labels = {
         "floor": PipeFloor.label,
+        "floor_polling": PipeFloorPolling.label,
         "c_pipe": "C parent, C child, same frame sizes",
         "own_child_blocking": OwnChildBlocking.label + " (not a floor: our code)",
         "api": "damocles-ext, Python API (1 child)",
@@ -432,15 +434,9 @@ def report(
     rows = []
     for name, runs in rt.items():
         child = [r["child_cpu_s"] for r in runs if r.get("child_cpu_s") is not None]
-        rows.append(
-            [
-                labels.get(name, f"{name} (1 in flight)"),
-                _us(_col(runs, "p50_s")),
-                _us(_col(runs, "p99_s")),
-                _us(_col(runs, "parent_cpu_s")) if name != "control_socket" else "(other process)",
-                _us(child) if child else "",
-            ]
-        )
+        parent = _us(_col(runs, "parent_cpu_s")) if name != "control_socket" else "(other process)"
+        label = labels.get(name, f"{name} (1 in flight)")
+        rows.append([label, _us(_col(runs, "p50_s")), _us(_col(runs, "p99_s")), parent, _us(child) if child else ""])  # fmt: skip
     for name, why in {"c_pipe": cpipe, **missing}.items():
         if isinstance(why, str):
             rows.append([labels.get(name, name), why, "", "", ""])
@@ -507,7 +503,7 @@ def report(
         ratios["throughput_vs_loky"] = [
             a["per_s"] / p["per_s"] for a, p in zip(thr["api"], thr["loky"], strict=True)
         ]
-    for ref in ("trio_dispatcher", "trio_direct", "api_floor_child"):
+    for ref in ("trio_dispatcher", "trio_direct", "api_floor_child", "floor_polling"):
         # Not goals: how far trio alone is from the floor, what the goal leaves our code, and
         # our supervisor's share of the API's (the floor's child behind it, not ours).
         ratios[f"round_trip_p50_{ref}_vs_floor"] = [
@@ -560,8 +556,10 @@ def report(
     )
     print(
         "The API with the floor's child behind it (our supervisor, not our child runtime):"
-        f" {_ratio(ratios['round_trip_p50_api_floor_child_vs_floor'])} the floor (not a goal)"
-    )
+        f" {_ratio(ratios['round_trip_p50_api_floor_child_vs_floor'])} the floor (not a goal);"
+        f" the floor's parent polling as ours does: {_ratio(ratios['round_trip_p50_floor_polling_vs_floor'])}"
+        " the floor, the API over it: " + _ratio([a["p50_s"] / f["p50_s"] for a, f in zip(rt["api"], rt["floor_polling"], strict=True)])
+    )  # fmt: skip
     callbacks = ratios["supervisor_cpu_us_256_in_flight_callbacks"]
     print(
         f"The supervisor's CPU per request at {in_flight} in flight with no caller task per request"

@@ -177,6 +177,10 @@ def test_a_tiny_supervisor_benchmark_prints_and_saves_every_goal_judged_on_every
     assert "msgspec child, blocking Python parent (floor)" in out
     assert "our child runtime, blocking Python parent (not a floor: our code)" in out
     assert "damocles-ext, Python API, the floor child behind it (not a floor)" in out
+    assert "msgspec child, Python parent polling like ours (not the floor)" in out
+    assert re.search(
+        r"the floor's parent polling as ours does: .*x the floor, the API over it", out
+    )
     assert re.search(
         r"The API with the floor's child behind it .*: .*x the floor \(not a goal\)", out
     )
@@ -415,14 +419,16 @@ def test_the_c_pipe_moves_frames_and_reports_its_round_trip_and_cpu(tmp_path: Pa
     assert figures["parent_cpu_s"] >= 0 and figures["child_cpu_s"] >= 0
 
 
-def test_the_floor_child_answers_each_request_with_the_echo_provers_proof():
+@pytest.mark.parametrize("spin", [None, 0.0, 0.05], ids=["floor", "polls-never", "polls"])
+def test_the_floor_child_answers_each_request_with_the_echo_provers_proof(spin: float | None):
     from damocles_ext_plugins.testing import echo_output
 
-    from bench.baselines import PipeFloor
+    from bench.baselines import PipeFloor, PipeFloorPolling
     from bench.supervisor_runs import small_task
 
     task = small_task()
-    floor = PipeFloor(task)
+    # The floor's parent blocks at once, or polls (till the answer, or not at all, then blocks).
+    floor = PipeFloor(task) if spin is None else PipeFloorPolling(task, spin)
     try:
         # The floor does the echo prover's work: the same proof, from the same request bytes.
         assert floor.prove() == floor.prove() == echo_output(task).proofs[0]
