@@ -12,13 +12,20 @@ a deadline that has no answer `LATE_ANSWER` seconds after it (a supervisor stopp
 raises ProverError then. An error answer the supervisor says is the caller's to fix (no child
 of the task's stage there, a worker's socket: Response.kind) raises ProverUsageError, a
 UsageError (exit code 2) that is a ProverError too.
+
+The caller of a lone request (nothing else in flight on the connection) whose last lone answer
+came within `ANSWER_POLL` reads the socket itself for up to that long before it sleeps, as the
+supervisor's callers poll their children's pipes (supervisor/pipe_turns.py says why): a quick
+answer is read at once, not after the kernel woke a sleeping process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -33,7 +40,7 @@ from .client_socket import PROVE_HINT, NoSupervisorError, open_stream
 from .errors import NotStartedError, ProverError, ProverUsageError, UsageError, check_trio_run
 from .frontends.control_socket import default_socket_path
 from .frontends.inbox import Inbox
-from .frontends.outbox import Outbox
+from .frontends.outbox import Outbox, stream_fd
 from .parked import Parked
 from .protocol import control as control_protocol
 from .protocol import dext
@@ -51,6 +58,12 @@ LATE_ANSWER = 15.0
 #: How long a request whose write failed waits for the supervisor's Refusal that may explain it
 #: (the supervisor closed the connection on a frame it refused while the request was written).
 REFUSAL_WAIT = 2.0
+
+#: How long the caller of a lone request reads the socket for its answer before it sleeps
+#: (seconds), when the last lone answer came within that: a trivial request through `run` is
+#: answered about 100 us after it is sent on a 2-core VM.
+ANSWER_POLL = 250e-6
+_READ_SIZE = 256 * 1024
 
 #: Called with each Progress of a request (its `id` is the client's request id).
 ProgressCallback = Callable[[dext.Progress], None]
@@ -100,6 +113,10 @@ class Client:
         self._refusal: str | None = None
         self._ended = trio.Event()  # the connection is lost (_lost is set)
         self._token = trio.lowlevel.current_trio_token()  # its reader's trio run
+        self._fd = stream_fd(stream)  # (None: a stream without one, never polled)
+        self._decoder = control_protocol.frame_decoder()  # the reader's, and a polling caller's
+        self._quick = False  # the last lone request was answered within ANSWER_POLL
+        self._poll_error: Exception | None = None  # what a polling caller met, for the reader
 
     async def submit(
         self,
@@ -143,8 +160,15 @@ class Client:
                 pending.set()
 
         try:
-            self._outbox.send(frame, written, at_once=len(self._pending) == 1)
-            if deadline is None:
+            lone = len(self._pending) == 1 and self._fd is not None
+            self._outbox.send(frame, written, at_once=lone)
+            sent = time.perf_counter()
+            if lone and self._quick:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # (the other tasks run first)
+                self._poll(pending, sent + ANSWER_POLL)
+            if pending.is_set:
+                pass
+            elif deadline is None:
                 await pending.wait()
             else:
                 late = trio.current_time() + max(0.0, deadline - time.time()) + LATE_ANSWER
@@ -156,6 +180,8 @@ class Client:
                         f" the request's deadline nor {LATE_ANSWER:g} s after it (stopped, e.g."
                         " by SIGSTOP, or hung?); not proved in time, cancelled"
                     )
+            if lone:
+                self._quick = time.perf_counter() - sent <= ANSWER_POLL
         except BaseException:
             if not pending.is_set and self._lost is None:
                 # Tell the supervisor to stop working on it; the connection may be gone already.
@@ -256,9 +282,39 @@ class Client:
             await self._read_loop()
             nursery.cancel_scope.cancel()
 
+    def _poll(self, pending: _Pending, until: float) -> None:
+        """The caller of a lone request reads the answers itself until its own came or `until`
+        (perf_counter), acting on each frame as the reader does. The end of the stream is left
+        to the reader (it reads it too); a read error or a frame that breaks the protocol is
+        kept for the reader to say, and the connection shut down: the reader wakes to its end."""
+        fd = self._fd
+        assert fd is not None
+        while not pending.is_set:
+            try:
+                data = os.read(fd, _READ_SIZE)
+            except BlockingIOError:
+                data = None
+            except OSError as exc:
+                self._poll_error = exc
+                return
+            if data == b"":
+                return
+            if data:
+                try:
+                    messages = self._decoder.receive_data(data)
+                except dext.ProtocolError as exc:
+                    self._poll_error = exc
+                    with contextlib.suppress(OSError):
+                        self._stream.socket.shutdown(socket.SHUT_RDWR)
+                    return
+                for msg in messages:
+                    self._dispatch(msg)
+            if time.perf_counter() >= until:
+                return
+
     async def _read_loop(self) -> None:
-        decoder = control_protocol.frame_decoder()
-        inbox = Inbox(self._stream, 256 * 1024)
+        decoder = self._decoder
+        inbox = Inbox(self._stream, _READ_SIZE)
         reason = "the supervisor closed the connection"
         try:
             while True:
@@ -272,11 +328,11 @@ class Client:
                 if not data:
                     break
         except dext.ProtocolError as exc:
-            reason = (
-                f"the supervisor broke the protocol: {exc} (is it another version of damocles-ext"
-                f" than this client's, {__version__}? Their control messages differ between"
-                " versions: use the client of the version `run` runs)"
-            )
+            reason = _broke(exc)
+        if isinstance(self._poll_error, dext.ProtocolError):  # met by a polling caller
+            reason = _broke(self._poll_error)
+        elif self._poll_error is not None:
+            reason = f"the connection broke: cannot read the stream: {self._poll_error}"
         if self._refused is not None:
             reason = self._refused
         if self._refusal is not None:
@@ -326,6 +382,14 @@ class Client:
             if not pending.is_set:
                 pending.error = reason
                 pending.set()
+
+
+def _broke(exc: dext.ProtocolError) -> str:
+    return (
+        f"the supervisor broke the protocol: {exc} (is it another version of damocles-ext than"
+        f" this client's, {__version__}? Their control messages differ between versions: use"
+        " the client of the version `run` runs)"
+    )
 
 
 @asynccontextmanager

@@ -445,3 +445,58 @@ async def test_a_child_flooding_its_pipe_while_its_caller_polls_stops_the_poll_a
                 await trio.lowlevel.checkpoint()
             os.kill(process(sup).proc.pid, signal.SIGUSR1)
         assert who(results[FLOOD])[0] == FLOOD and child_stats(sup).restarts == 0
+
+
+def started(sup, miner: int, answers: list) -> None:
+    """A front end's request for `miner`, in a batch of its own; its answer goes to `answers`."""
+    with sup.batch():
+        sup.start_nowait(
+            window_task(miner=miner), on_done=lambda out, _: answers.append(who(out)[0])
+        )
+
+
+async def test_a_front_ends_lone_request_to_a_quick_idle_child_is_answered_as_its_batch_ends(
+    mock_clock, monkeypatch
+):
+    monkeypatch.setattr(pipe_turns, "SPIN", 10.0)  # every answer comes within the poll
+    answers: list = []
+    async with warmed([spec(CHILD)]) as sup:
+        await quick_now(sup)
+        for miner in range(40, 50):
+            started(sup, miner, answers)
+            assert answers[-1] == miner  # read by the batch's poll, no checkpoint between
+        assert child_stats(sup).in_flight == 0 and process(sup).turn.quick
+
+
+async def test_a_batch_to_a_child_with_a_request_in_flight_is_not_polled(mock_clock, monkeypatch):
+    monkeypatch.setattr(pipe_turns, "SPIN", 10.0)
+    answers: list = []
+    async with warmed([spec(fake_child(capacity=2), concurrent=2)]) as sup:
+        await quick_now(sup)
+        # Not in a batch: never polled for (only a batch's end polls).
+        sup.start_nowait(window_task(miner=HELD), on_done=lambda out, _: answers.append(HELD))
+        started(sup, 5, answers)  # polled, it would be read by now (after 10 s)
+        assert answers == []
+        await wait_until_real(lambda: answers == [5], what="the answer, read by the reader")
+        os.kill(process(sup).proc.pid, signal.SIGUSR1)
+        await wait_until_real(lambda: answers == [5, HELD], what="the held one answered")
+
+
+async def test_a_batch_polls_a_child_again_once_its_reader_saw_it_answer_within_spin(
+    mock_clock, monkeypatch
+):
+    monkeypatch.setattr(pipe_turns, "SPIN", 0.2)
+    answers: list = []
+    async with warmed([spec(CHILD)]) as sup:
+        await quick_now(sup)
+        turn = process(sup).turn
+        started(sup, HELD, answers)  # polled for 0.2 s in vain: not quick any more
+        assert not turn.quick and answers == []
+        os.kill(process(sup).proc.pid, signal.SIGUSR1)
+        await wait_until_real(lambda: answers == [HELD], what="the held one answered")
+        started(sup, 5, answers)  # not polled: its reader times its answer
+        assert answers == [HELD] and turn.sent_at
+        await wait_until_real(lambda: answers == [HELD, 5], what="the answer, read by the reader")
+        assert turn.quick and not turn.sent_at
+        started(sup, 6, answers)  # polled again
+        assert answers == [HELD, 5, 6]

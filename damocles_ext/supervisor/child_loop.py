@@ -27,6 +27,7 @@ import trio
 
 from ..config import child_env, describe_argv
 from ..logs import report_bad_output
+from . import pipe_turns
 from .connection import ChildConnection, ChildProtocolError, Ready, preview
 from .observers import child_info, exit_status
 from .pipe_turns import READS_IN_A_ROW, PipeTurn, closing, off_the_pipe, wake_reader
@@ -147,14 +148,11 @@ class Process:
 
 
 async def read(host: ChildHost, child: Child, p: Process) -> None:
-    """Read `p`'s stdout and act on it, as its reader task, until EOF or a protocol error.
-
-    It stays in wait_readable while anything is in flight; idle after a `submit` caller's
-    request, it leaves the pipe a while, for a caller to read its own answer (pipe_turns).
-    Plain os.read on the non-blocking pipe: FdStream's receive_some yields after every read (a
-    loop iteration more per answer); a read shorter than asked emptied the pipe, so the next
-    one waits for the pipe first instead of failing with EAGAIN.
-    """
+    """Read `p`'s stdout and act on it, as its reader task, until EOF or a protocol error. It
+    stays in wait_readable while anything is in flight; idle after a `submit` caller's request,
+    it leaves the pipe a while, for a caller to read its own answer (pipe_turns). Plain os.read
+    on the non-blocking pipe (FdStream's receive_some yields after every read); a read shorter
+    than asked emptied the pipe, so the next one waits for the pipe first (no EAGAIN)."""
     fd = p.proc.stdout.fileno()
     unyielded = 0
     wait = False
@@ -183,6 +181,8 @@ async def read(host: ChildHost, child: Child, p: Process) -> None:
             unyielded += 1
             wait = 0 < len(data) < _READ_SIZE
             on_data(host, child, p, data)
+            if p.turn.sent_at:  # a front end's lone request not polled for (pipe_turns)
+                pipe_turns.answered_unpolled(p)
     finally:
         assert p.reader_done is not None
         p.reader_done.set()

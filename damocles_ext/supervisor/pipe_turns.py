@@ -33,6 +33,10 @@ much as the child's whole answer; BENCHMARKS.md). The poll follows a schedule po
 `submit` lets the other tasks run, answered in the poll or not), is bounded in time, and is not
 done for a child whose last answer came later than `SPIN`: a long proof costs one poll at most,
 after a quick one, and a machine too busy to answer within it stops the polling by itself.
+A front end's batch that sent requests to one child, idle before them, polls its pipe the same
+way as the batch ends (`poll_answers`, from the front end's task: the answers go out on its
+connection at once); when that child is not quick, its reader says whether the answer came
+within `SPIN` (`answered_unpolled`), so that the next batch polls again.
 
 What a child writes unasked while nothing is in flight (after an answer, on its own line) is
 read within LINGER, or, when a caller's request comes first, by that caller with its request in
@@ -72,7 +76,7 @@ READS_IN_A_ROW = 16
 class PipeTurn:
     """A process's stdout: whether its reader is off it, and whether a caller reads it."""
 
-    __slots__ = ("caller", "linger", "quick", "released_at", "wake", "wanted")
+    __slots__ = ("caller", "linger", "quick", "released_at", "sent_at", "wake", "wanted")
 
     def __init__(self) -> None:
         #: The last request sent was a `submit` caller's, who may read its answer: only then
@@ -82,8 +86,10 @@ class PipeTurn:
         self.wake: Parked | None = None  # the reader's, while off: set, it takes the pipe
         self.linger: trio.CancelScope | None = None  # its wait while off, till LINGER is up
         self.released_at = 0.0  # when the last caller handed it back (trio's clock)
-        #: The last caller reading it was answered within SPIN: the next one polls first.
+        #: Its last answer polled for (or timed) came within SPIN: the next one is polled for.
         self.quick = False
+        #: When a batch sent requests to it, idle, without polling (perf_counter), else 0.0.
+        self.sent_at = 0.0
 
     @property
     def off(self) -> bool:
@@ -186,6 +192,41 @@ async def read_own(host: ChildHost, child: Child, p: Process, waiter: Waiter, on
     finally:
         turn.quick = waiter.tracked.done and perf_counter() - began <= SPIN
         release(host, child, p)
+
+
+def poll_answers(host: ChildHost, child: Child, p: Process, on_data: Any) -> None:
+    """A front end's batch has just sent `p` requests, with nothing else in flight on it: read
+    their answers (`on_data` on what comes) for up to SPIN if `p` is quick, else have its reader
+    time them. Not while a caller reads `p` (its answers are that caller's to read)."""
+    turn = p.turn
+    if turn.caller is not None or p.read_ended or p.down_reason is not None:
+        return
+    if not turn.quick:
+        turn.sent_at = perf_counter()
+        return
+    fd = p.proc.stdout.fileno()
+    until = perf_counter() + SPIN
+    book, name = host.book, child.name
+    while book.in_flight(name) and not p.read_ended:
+        try:
+            data: bytes | None = os.read(fd, _READ_SIZE)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            data = b""
+        if data is not None and not _took(host, child, p, data, on_data):
+            return
+        if perf_counter() >= until:
+            break
+    turn.quick = not book.in_flight(name)
+
+
+def answered_unpolled(p: Process) -> None:
+    """`p`'s reader read what `p` wrote after a batch's requests not polled for: `p` is quick
+    again if that came within SPIN of the requests."""
+    turn = p.turn
+    turn.quick = perf_counter() - turn.sent_at <= SPIN
+    turn.sent_at = 0.0
 
 
 def _took(host: ChildHost, child: Child, p: Process, data: bytes, on_data: Any) -> bool:

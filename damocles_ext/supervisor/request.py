@@ -20,6 +20,8 @@ from ..errors import ProverError
 from ..parked import Parked
 from ..protocol import dext
 from ..tasks import Output
+from . import child_loop
+from .pipe_turns import poll_answers
 
 if TYPE_CHECKING:
     from ..lifecycle import TrackedRequest
@@ -145,5 +147,13 @@ class Batch:
         self._sup._applying += 1
 
     def __exit__(self, *exc_info: object) -> None:
-        self._sup._applying -= 1
-        self._sup._apply([])
+        sup = self._sup
+        sup._applying -= 1
+        lone = None
+        if not sup._applying and len(sup._pending) == 1:
+            child, p, chunks = next(iter(sup._pending.values()))
+            if sup._book.in_flight(child.name) == len(chunks):  # nothing else in flight on it
+                lone = child, p
+        sup._apply([])
+        if lone is not None:  # its answers may come within SPIN: read at once (pipe_turns)
+            poll_answers(sup._host, *lone, child_loop.on_data)
