@@ -165,7 +165,8 @@ class Client:
             sent = time.perf_counter()
             if lone and self._quick:
                 await trio.lowlevel.cancel_shielded_checkpoint()  # (the other tasks run first)
-                self._poll(pending, sent + ANSWER_POLL)
+                if stream_fd(self._stream) == self._fd and not pending.is_set:  # (not closed)
+                    self._poll(pending, sent + ANSWER_POLL)
             if pending.is_set:
                 pass
             elif deadline is None:
@@ -285,8 +286,9 @@ class Client:
     def _poll(self, pending: _Pending, until: float) -> None:
         """The caller of a lone request reads the answers itself until its own came or `until`
         (perf_counter), acting on each frame as the reader does. The end of the stream is left
-        to the reader (it reads it too); a read error or a frame that breaks the protocol is
-        kept for the reader to say, and the connection shut down: the reader wakes to its end."""
+        to the reader (it reads it too); a read error is kept for the reader to say (it meets
+        the end of the stream next); a frame that breaks the protocol is kept for it too, and
+        the connection shut down, so that the reader wakes to its end and decodes nothing more."""
         fd = self._fd
         assert fd is not None
         while not pending.is_set:
@@ -323,6 +325,8 @@ class Client:
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     reason = f"the connection broke: {exc}"
                     data = b""
+                if self._poll_error is not None:  # a polling caller met the end: nothing more
+                    break
                 for msg in decoder.receive_data(data):
                     self._dispatch(msg)
                 if not data:

@@ -4,8 +4,12 @@ up to ANSWER_POLL once the last lone answer came within that (damocles_ext.clien
 A fake supervisor on a real unix socket, in a thread of its own (a polling client holds its
 trio run), answers each request as its test says; ANSWER_POLL is set so that a prompt answer
 always comes within the poll (10 s), or so that the poll gives up before an answer the test
-holds back. Whatever the poll meets (progress, an answer, the end of the connection, a frame
-that breaks the protocol) ends as it does for the reader task.
+holds back. Where a test needs what the server writes to meet the poll, not the reader task,
+the server writes it only once the caller's task took its next step after sending (`StepGate`:
+the step in which it polls); a client that did not poll would take that step only after its
+reader read the answer, and the gate's wait runs out. Whatever the poll meets (progress, an
+answer, the end of the connection, a frame that breaks the protocol) ends as it does for the
+reader task.
 """
 
 from __future__ import annotations
@@ -32,6 +36,54 @@ from damocles_ext.protocol import dext
 
 #: What the fake supervisor does with the client's nth request (from 1): it writes on `conn`.
 Reply = Callable[[int, dext.Request, socket.socket], None]
+
+
+class StepGate(trio.abc.Instrument):
+    """Counts the steps of one trio task (the caller); `wait_next` (from the server's thread)
+    waits for the first step after `arm()`, up to `timeout` seconds: False if none came."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+        self.after = -1
+        self.changed = threading.Condition()
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            with self.changed:
+                self.steps += 1
+                self.changed.notify_all()
+
+    def arm(self) -> None:
+        """Called by the caller just before a `submit`, which sends before it yields."""
+        with self.changed:
+            self.after = self.steps
+
+    def wait_next(self, timeout: float = 5.0) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.steps > self.after >= 0, timeout)
+
+
+class ReaderSteps(trio.abc.Instrument):
+    """How many steps the clients' reader tasks took."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith("Client._run"):
+            self.steps += 1
+
+
+@contextmanager
+def instruments(*added: trio.abc.Instrument) -> Iterator[None]:
+    for instrument in added:
+        trio.lowlevel.add_instrument(instrument)
+    try:
+        yield
+    finally:
+        for instrument in added:
+            trio.lowlevel.remove_instrument(instrument)
 
 
 def answer(n: int, req: dext.Request, conn: socket.socket) -> None:
@@ -75,27 +127,42 @@ async def polling_client(client, monkeypatch, poll: float) -> None:
 
 
 async def test_lone_requests_answered_in_the_poll_are_each_a_checkpoint(sock_path, monkeypatch):
-    with fake_supervisor(sock_path, answer):
+    gate, reader = StepGate(trio.lowlevel.current_task()), ReaderSteps()
+
+    def answers_in_the_poll(n: int, req: dext.Request, conn: socket.socket) -> None:
+        assert n == 1 or gate.wait_next(), "the caller took no step after sending: no poll"
+        answer(n, req, conn)
+
+    with fake_supervisor(sock_path, answers_in_the_poll):
         async with connect(sock_path) as client:
             await polling_client(client, monkeypatch, 10.0)
-            for miner in range(2, 30):
-                with trio.testing.assert_checkpoints():  # a cancel point and a schedule point
-                    out = await client.submit(make_task(miner))
-                assert out == echo_output(make_task(miner)) and client._quick
+            with instruments(gate, reader):
+                for miner in range(2, 30):
+                    gate.arm()
+                    with trio.testing.assert_checkpoints():  # a cancel and a schedule point
+                        out = await client.submit(make_task(miner))
+                    assert out == echo_output(make_task(miner)) and client._quick
+            assert reader.steps == 0  # every answer read by its caller's poll
 
 
 async def test_progress_read_in_the_poll_reaches_its_callback(sock_path, monkeypatch):
+    gate, reader = StepGate(trio.lowlevel.current_task()), ReaderSteps()
+
     def talkative(n: int, req: dext.Request, conn: socket.socket) -> None:
-        for done in range(3):
-            conn.sendall(dext.encode(dext.Progress(req.id, "vanilla", done, 3)))
+        if n > 1:
+            assert gate.wait_next(), "no poll"
+            for done in range(3):
+                conn.sendall(dext.encode(dext.Progress(req.id, "vanilla", done, 3)))
         answer(n, req, conn)
 
     seen: list = []
     with fake_supervisor(sock_path, talkative):
         async with connect(sock_path) as client:
             await polling_client(client, monkeypatch, 10.0)
-            out = await client.submit(make_task(2), on_progress=seen.append)
-    assert out == echo_output(make_task(2))
+            with instruments(gate, reader):
+                gate.arm()
+                out = await client.submit(make_task(2), on_progress=seen.append)
+    assert out == echo_output(make_task(2)) and reader.steps == 0
     assert [(p.phase, p.done, p.total) for p in seen] == [("vanilla", d, 3) for d in range(3)]
 
 
@@ -110,10 +177,10 @@ async def test_a_late_answer_stops_the_poll_until_an_answer_comes_within_it(sock
 
     with fake_supervisor(sock_path, holds_the_second):
         async with connect(sock_path) as client:
-            await polling_client(client, monkeypatch, 0.2)
+            await polling_client(client, monkeypatch, 1.0)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client.submit, make_task(2))
-                # This task runs once the client polled 0.2 s in vain and sleeps on the socket.
+                # This task runs once the client polled 1 s in vain and sleeps on the socket.
                 await trio.testing.wait_all_tasks_blocked()
                 assert await trio.to_thread.run_sync(held.wait, 10)
                 release.set()
@@ -125,25 +192,38 @@ async def test_a_late_answer_stops_the_poll_until_an_answer_comes_within_it(sock
 async def test_a_frame_breaking_the_protocol_met_in_the_poll_fails_the_connection_saying_so(
     sock_path, monkeypatch
 ):
+    gate = StepGate(trio.lowlevel.current_task())
+
     def breaks_on_the_second(n: int, req: dext.Request, conn: socket.socket) -> None:
         if n == 2:
-            conn.sendall(b"\xff" * 8)  # a frame longer than any allowed
+            assert gate.wait_next(), "no poll"
+            conn.sendall(b"\xff" * 8 + b"more bytes the reader must not decode")
         else:
             answer(n, req, conn)
 
     with trio.fail_after(20), fake_supervisor(sock_path, breaks_on_the_second):
         async with connect(sock_path) as client:
             await polling_client(client, monkeypatch, 10.0)
-            with pytest.raises(ProverError, match=r"the supervisor broke the protocol: .*frame"):
-                await client.submit(make_task(2))
+            with instruments(gate):
+                gate.arm()
+                with pytest.raises(ProverError) as raised:
+                    await client.submit(make_task(2))
+            assert isinstance(client._poll_error, dext.FrameTooLarge)  # met by the poll
             assert not client.open
+    said = str(raised.value)
+    assert said.startswith("lost the connection to the supervisor at "), said
+    assert "the supervisor broke the protocol: frame length" in said
+    assert "exceeds the maximum" in said and "another version of damocles-ext" in said
 
 
 async def test_the_connection_closed_while_the_client_polls_fails_the_request(
     sock_path, monkeypatch
 ):
+    gate = StepGate(trio.lowlevel.current_task())
+
     def closes_on_the_second(n: int, req: dext.Request, conn: socket.socket) -> None:
         if n == 2:
+            assert gate.wait_next(), "no poll"
             conn.shutdown(socket.SHUT_RDWR)
         else:
             answer(n, req, conn)
@@ -151,25 +231,37 @@ async def test_the_connection_closed_while_the_client_polls_fails_the_request(
     with trio.fail_after(20), fake_supervisor(sock_path, closes_on_the_second):
         async with connect(sock_path) as client:
             await polling_client(client, monkeypatch, 10.0)
-            with pytest.raises(ProverError, match="lost the connection to the supervisor"):
-                await client.submit(make_task(2))
-            assert not client.open
+            with instruments(gate):
+                gate.arm()
+                with pytest.raises(ProverError) as raised:
+                    await client.submit(make_task(2))
+            assert not client.open and client._poll_error is None  # the end: the reader's
+    assert "lost the connection to the supervisor" in str(raised.value)
+    assert "the supervisor closed the connection" in str(raised.value)
 
 
 async def test_a_connection_reset_while_the_client_polls_fails_the_request_saying_so(
     sock_path, monkeypatch
 ):
+    gate = StepGate(trio.lowlevel.current_task())
+
     def resets_after_the_first(n: int, req: dext.Request, conn: socket.socket) -> None:
         answer(n, req, conn)
         select.select([conn], [], [], 10)  # the second request comes, and is left unread:
+        assert gate.wait_next(), "no poll"
         conn.close()  # closed so, the connection is reset
 
     with trio.fail_after(20), fake_supervisor(sock_path, resets_after_the_first):
         async with connect(sock_path) as client:
             await polling_client(client, monkeypatch, 10.0)
-            with pytest.raises(ProverError, match=r"connection broke: cannot read .*reset by peer"):
-                await client.submit(make_task(2))
+            with instruments(gate):
+                gate.arm()
+                with pytest.raises(ProverError) as raised:
+                    await client.submit(make_task(2))
+            assert isinstance(client._poll_error, ConnectionResetError)  # met by the poll
             assert not client.open
+    assert "the connection broke: cannot read the stream:" in str(raised.value)
+    assert "reset by peer" in str(raised.value)
 
 
 async def test_the_first_lone_request_of_a_connection_is_not_polled_for(sock_path, monkeypatch):

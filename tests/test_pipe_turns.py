@@ -88,6 +88,17 @@ def fake_child(late_cancels: bool = False, capacity: int = 1) -> list[str]:
 CHILD = fake_child()
 
 
+class BlockingWaits(trio.abc.Instrument):
+    """How many times the run loop waited for I/O with no task ready (slept, but for events)."""
+
+    def __init__(self) -> None:
+        self.waits = 0
+
+    def before_io_wait(self, timeout: float) -> None:
+        if timeout > 0:
+            self.waits += 1
+
+
 class ReaderSteps(trio.abc.Instrument):
     """How many steps the children's reader tasks took."""
 
@@ -393,8 +404,9 @@ async def test_a_submit_answered_while_its_caller_polls_lets_the_other_tasks_run
     monkeypatch.setattr(pipe_turns, "SPIN", 10.0)  # every answer comes within the poll
     async with warmed([spec(CHILD)]) as sup:
         await quick_now(sup)
-        steps = ReaderSteps()
+        steps, waits = ReaderSteps(), BlockingWaits()
         trio.lowlevel.add_instrument(steps)
+        trio.lowlevel.add_instrument(waits)
         try:
             for miner in range(40, 70):
                 assert process(sup).turn.quick
@@ -402,19 +414,21 @@ async def test_a_submit_answered_while_its_caller_polls_lets_the_other_tasks_run
                     assert who(await sup.submit(window_task(miner=miner)))[0] == miner
         finally:
             trio.lowlevel.remove_instrument(steps)
-        assert steps.steps == 0 and child_stats(sup).in_flight == 0
+            trio.lowlevel.remove_instrument(waits)
+        # Each answer read by its caller's poll: the run loop never slept on the pipe.
+        assert steps.steps == 0 and waits.waits == 0 and child_stats(sup).in_flight == 0
 
 
 async def test_a_child_slow_to_answer_is_not_polled_for_until_it_answers_quickly_again(
     mock_clock, monkeypatch
 ):
-    monkeypatch.setattr(pipe_turns, "SPIN", 0.2)
+    monkeypatch.setattr(pipe_turns, "SPIN", 1.0)
     results: dict = {}
     async with warmed([spec(CHILD)]) as sup:
         await quick_now(sup)
         turn = process(sup).turn
         async with trio.open_nursery() as nursery:
-            # The caller polls for 0.2 s (this task cannot run meanwhile), then sleeps on the
+            # The caller polls for 1 s (this task cannot run meanwhile), then sleeps on the
             # pipe: the held request is answered only after that.
             await held_by_a_caller(sup, nursery, results)
             await wait_until_real(lambda: turn.caller.reading_fd, what="the caller asleep")
@@ -447,8 +461,18 @@ async def test_a_child_flooding_its_pipe_while_its_caller_polls_stops_the_poll_a
         assert who(results[FLOOD])[0] == FLOOD and child_stats(sup).restarts == 0
 
 
-def started(sup, miner: int, answers: list) -> None:
-    """A front end's request for `miner`, in a batch of its own; its answer goes to `answers`."""
+async def front_end_ready(sup, mock_clock) -> None:
+    """The child quick, and its reader back on the pipe (as a front end's requests keep it):
+    a front end's request then wakes no task."""
+    await quick_now(sup)
+    mock_clock.jump(LINGER)
+    await wait_until_real(lambda: not process(sup).turn.off, what="the reader on the pipe")
+
+
+async def started(sup, miner: int, answers: list) -> None:
+    """A front end's request for `miner`, in a batch of its own, with no other task ready to run
+    (as a connection's task reading one request); its answer goes to `answers`."""
+    await trio.testing.wait_all_tasks_blocked()
     with sup.batch():
         sup.start_nowait(
             window_task(miner=miner), on_done=lambda out, _: answers.append(who(out)[0])
@@ -461,9 +485,9 @@ async def test_a_front_ends_lone_request_to_a_quick_idle_child_is_answered_as_it
     monkeypatch.setattr(pipe_turns, "SPIN", 10.0)  # every answer comes within the poll
     answers: list = []
     async with warmed([spec(CHILD)]) as sup:
-        await quick_now(sup)
+        await front_end_ready(sup, mock_clock)
         for miner in range(40, 50):
-            started(sup, miner, answers)
+            await started(sup, miner, answers)
             assert answers[-1] == miner  # read by the batch's poll, no checkpoint between
         assert child_stats(sup).in_flight == 0 and process(sup).turn.quick
 
@@ -472,10 +496,10 @@ async def test_a_batch_to_a_child_with_a_request_in_flight_is_not_polled(mock_cl
     monkeypatch.setattr(pipe_turns, "SPIN", 10.0)
     answers: list = []
     async with warmed([spec(fake_child(capacity=2), concurrent=2)]) as sup:
-        await quick_now(sup)
+        await front_end_ready(sup, mock_clock)
         # Not in a batch: never polled for (only a batch's end polls).
         sup.start_nowait(window_task(miner=HELD), on_done=lambda out, _: answers.append(HELD))
-        started(sup, 5, answers)  # polled, it would be read by now (after 10 s)
+        await started(sup, 5, answers)  # polled, it would be read by now (after 10 s)
         assert answers == []
         await wait_until_real(lambda: answers == [5], what="the answer, read by the reader")
         os.kill(process(sup).proc.pid, signal.SIGUSR1)
@@ -485,18 +509,35 @@ async def test_a_batch_to_a_child_with_a_request_in_flight_is_not_polled(mock_cl
 async def test_a_batch_polls_a_child_again_once_its_reader_saw_it_answer_within_spin(
     mock_clock, monkeypatch
 ):
-    monkeypatch.setattr(pipe_turns, "SPIN", 0.2)
+    monkeypatch.setattr(pipe_turns, "SPIN", 1.0)
     answers: list = []
     async with warmed([spec(CHILD)]) as sup:
-        await quick_now(sup)
+        await front_end_ready(sup, mock_clock)
         turn = process(sup).turn
-        started(sup, HELD, answers)  # polled for 0.2 s in vain: not quick any more
+        await started(sup, HELD, answers)  # polled for 1 s in vain: not quick any more
         assert not turn.quick and answers == []
         os.kill(process(sup).proc.pid, signal.SIGUSR1)
         await wait_until_real(lambda: answers == [HELD], what="the held one answered")
-        started(sup, 5, answers)  # not polled: its reader times its answer
+        await started(sup, 5, answers)  # not polled: its reader times its answer
         assert answers == [HELD] and turn.sent_at
         await wait_until_real(lambda: answers == [HELD, 5], what="the answer, read by the reader")
         assert turn.quick and not turn.sent_at
-        started(sup, 6, answers)  # polled again
+        await started(sup, 6, answers)  # polled again
         assert answers == [HELD, 5, 6]
+
+
+async def test_a_batch_does_not_poll_while_another_task_is_ready_to_run(mock_clock, monkeypatch):
+    # E.g. another connection's task, its request read: a poll would hold it back.
+    monkeypatch.setattr(pipe_turns, "SPIN", 10.0)
+    answers: list = []
+    async with warmed([spec(CHILD)]) as sup:
+        await front_end_ready(sup, mock_clock)
+        async with trio.open_nursery() as nursery:
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(trio.lowlevel.checkpoint)  # ready to run, not run yet
+            with sup.batch():  # polled, it would be answered by its end
+                sup.start_nowait(window_task(miner=5), on_done=lambda out, _: answers.append(5))
+            assert answers == []
+        await wait_until_real(lambda: answers == [5], what="the answer, read by the reader")
+        await started(sup, 6, answers)  # nothing else ready: polled (its reader timed the last one)
+        assert answers == [5, 6]

@@ -196,12 +196,14 @@ async def read_own(host: ChildHost, child: Child, p: Process, waiter: Waiter, on
 
 def poll_answers(host: ChildHost, child: Child, p: Process, on_data: Any) -> None:
     """A front end's batch has just sent `p` requests, with nothing else in flight on it: read
-    their answers (`on_data` on what comes) for up to SPIN if `p` is quick, else have its reader
-    time them. Not while a caller reads `p` (its answers are that caller's to read)."""
+    their answers (`on_data` on what comes) for up to SPIN if `p` is quick and no other task is
+    ready to run (another connection's request read meanwhile, say: the poll would hold it
+    back), else have its reader time them. Not while a caller reads `p` (its answers are that
+    caller's to read), nor before the requests are all written."""
     turn = p.turn
-    if turn.caller is not None or p.read_ended or p.down_reason is not None:
+    if turn.caller is not None or p.read_ended or p.down_reason is not None or p.queued_writes:
         return
-    if not turn.quick:
+    if not turn.quick or trio.lowlevel.current_statistics().tasks_runnable:
         turn.sent_at = perf_counter()
         return
     fd = p.proc.stdout.fileno()
