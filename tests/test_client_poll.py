@@ -126,6 +126,18 @@ async def polling_client(client, monkeypatch, poll: float) -> None:
     assert client._quick
 
 
+async def failed_in_the_poll(client, gate: StepGate, monkeypatch) -> str:
+    """A polling client's second request, its server's failure gated on the poll: what the
+    ProverError it raised says (the connection is lost by then)."""
+    await polling_client(client, monkeypatch, 10.0)
+    with instruments(gate):
+        gate.arm()
+        with pytest.raises(ProverError) as raised:
+            await client.submit(make_task(2))
+    assert not client.open
+    return str(raised.value)
+
+
 async def test_lone_requests_answered_in_the_poll_are_each_a_checkpoint(sock_path, monkeypatch):
     gate, reader = StepGate(trio.lowlevel.current_task()), ReaderSteps()
 
@@ -203,14 +215,8 @@ async def test_a_frame_breaking_the_protocol_met_in_the_poll_fails_the_connectio
 
     with trio.fail_after(20), fake_supervisor(sock_path, breaks_on_the_second):
         async with connect(sock_path) as client:
-            await polling_client(client, monkeypatch, 10.0)
-            with instruments(gate):
-                gate.arm()
-                with pytest.raises(ProverError) as raised:
-                    await client.submit(make_task(2))
+            said = await failed_in_the_poll(client, gate, monkeypatch)
             assert isinstance(client._poll_error, dext.FrameTooLarge)  # met by the poll
-            assert not client.open
-    said = str(raised.value)
     assert said.startswith("lost the connection to the supervisor at "), said
     assert "the supervisor broke the protocol: frame length" in said
     assert "exceeds the maximum" in said and "another version of damocles-ext" in said
@@ -230,14 +236,10 @@ async def test_the_connection_closed_while_the_client_polls_fails_the_request(
 
     with trio.fail_after(20), fake_supervisor(sock_path, closes_on_the_second):
         async with connect(sock_path) as client:
-            await polling_client(client, monkeypatch, 10.0)
-            with instruments(gate):
-                gate.arm()
-                with pytest.raises(ProverError) as raised:
-                    await client.submit(make_task(2))
-            assert not client.open and client._poll_error is None  # the end: the reader's
-    assert "lost the connection to the supervisor" in str(raised.value)
-    assert "the supervisor closed the connection" in str(raised.value)
+            said = await failed_in_the_poll(client, gate, monkeypatch)
+            assert client._poll_error is None  # the end of the stream: the reader's to say
+    assert "lost the connection to the supervisor" in said
+    assert "the supervisor closed the connection" in said
 
 
 async def test_a_connection_reset_while_the_client_polls_fails_the_request_saying_so(
@@ -253,15 +255,9 @@ async def test_a_connection_reset_while_the_client_polls_fails_the_request_sayin
 
     with trio.fail_after(20), fake_supervisor(sock_path, resets_after_the_first):
         async with connect(sock_path) as client:
-            await polling_client(client, monkeypatch, 10.0)
-            with instruments(gate):
-                gate.arm()
-                with pytest.raises(ProverError) as raised:
-                    await client.submit(make_task(2))
+            said = await failed_in_the_poll(client, gate, monkeypatch)
             assert isinstance(client._poll_error, ConnectionResetError)  # met by the poll
-            assert not client.open
-    assert "the connection broke: cannot read the stream:" in str(raised.value)
-    assert "reset by peer" in str(raised.value)
+    assert "the connection broke: cannot read the stream:" in said and "reset by peer" in said
 
 
 async def test_the_first_lone_request_of_a_connection_is_not_polled_for(sock_path, monkeypatch):

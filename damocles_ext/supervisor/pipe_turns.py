@@ -156,18 +156,8 @@ async def read_own(host: ChildHost, child: Child, p: Process, waiter: Waiter, on
             # The schedule point first (the child works meanwhile), then the poll: a `submit`
             # answered in it still lets the other tasks run.
             await trio.lowlevel.cancel_shielded_checkpoint()
-            until = began + SPIN
-            while not waiter.tracked.done and not p.read_ended:
-                try:
-                    data: bytes | None = os.read(fd, _READ_SIZE)
-                except BlockingIOError:
-                    data = None
-                except OSError:
-                    data = b""
-                if data is not None and not _took(host, child, p, data, on_data):
-                    return
-                if perf_counter() >= until:  # (also for a child that floods the pipe)
-                    break
+            if not _poll(host, child, p, on_data, began + SPIN, lambda: waiter.tracked.done):
+                return
         while not waiter.tracked.done and not p.read_ended:
             waiter.reading_fd = fd
             try:
@@ -206,10 +196,19 @@ def poll_answers(host: ChildHost, child: Child, p: Process, on_data: Any) -> Non
     if not turn.quick or trio.lowlevel.current_statistics().tasks_runnable:
         turn.sent_at = perf_counter()
         return
-    fd = p.proc.stdout.fileno()
-    until = perf_counter() + SPIN
     book, name = host.book, child.name
-    while book.in_flight(name) and not p.read_ended:
+    if _poll(host, child, p, on_data, perf_counter() + SPIN, lambda: not book.in_flight(name)):
+        turn.quick = not book.in_flight(name)
+
+
+def _poll(
+    host: ChildHost, child: Child, p: Process, on_data: Any, until: float, answered: Any
+) -> bool:
+    """Read `p`'s pipe without waiting, `on_data` on what comes, until `answered()`, the pipe's
+    end or `until` (perf_counter; also for a child that floods the pipe); False if a bug of
+    ours met there ended `p`."""
+    fd = p.proc.stdout.fileno()
+    while not answered() and not p.read_ended:
         try:
             data: bytes | None = os.read(fd, _READ_SIZE)
         except BlockingIOError:
@@ -217,10 +216,10 @@ def poll_answers(host: ChildHost, child: Child, p: Process, on_data: Any) -> Non
         except OSError:
             data = b""
         if data is not None and not _took(host, child, p, data, on_data):
-            return
+            return False
         if perf_counter() >= until:
             break
-    turn.quick = not book.in_flight(name)
+    return True
 
 
 def answered_unpolled(p: Process) -> None:
