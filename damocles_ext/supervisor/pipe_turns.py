@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -202,7 +202,12 @@ def poll_answers(host: ChildHost, child: Child, p: Process, on_data: Any) -> Non
 
 
 def _poll(
-    host: ChildHost, child: Child, p: Process, on_data: Any, until: float, answered: Any
+    host: ChildHost,
+    child: Child,
+    p: Process,
+    on_data: Any,
+    until: float,
+    answered: Callable[[], bool],
 ) -> bool:
     """Read `p`'s pipe without waiting, `on_data` on what comes, until `answered()`, the pipe's
     end or `until` (perf_counter; also for a child that floods the pipe); False if a bug of

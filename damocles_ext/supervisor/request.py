@@ -150,7 +150,7 @@ class Batch:
         sup = self._sup
         sup._applying -= 1
         lone = None
-        if not sup._applying and len(sup._pending) == 1:
+        if not sup._applying and len(sup._pending) == 1 and exc_info[1] is None:
             child, p, chunks = next(iter(sup._pending.values()))
             if sup._book.in_flight(child.name) == len(chunks):  # nothing else in flight on it
                 lone = child, p
