@@ -153,6 +153,7 @@ class PipeFloor:
     """The minimal msgspec child, driven by a blocking Python parent: one request at a time."""
 
     label = "msgspec child, blocking Python parent (floor)"
+    spin = 0.0  # the floor blocks at once (PipeFloorPolling: polls first)
 
     def __init__(self, task: Task) -> None:
         self.proc = subprocess.Popen(
@@ -176,6 +177,8 @@ class PipeFloor:
         self.request["id"] = self.ids
         payload = self.encode(self.request)
         os.write(self.win, len(payload).to_bytes(4, "big") + payload)
+        if self.spin:
+            self._poll()
         answer = self.decode(_read_exactly(self.rout, int.from_bytes(_read_exactly(self.rout, 4))))
         if answer["id"] != self.ids:
             raise RuntimeError(f"floor child answered {answer['id']} to request {self.ids}")
@@ -189,7 +192,8 @@ class PipeFloor:
 
 class PipeFloorPolling(PipeFloor):
     """The floor with the poll our API's caller makes (supervisor/pipe_turns.py): after its
-    write the parent reads the pipe without blocking for up to `spin` seconds, then blocks."""
+    write the parent looks at the pipe without blocking for up to `spin` seconds, then reads it
+    as the floor does."""
 
     label = "msgspec child, Python parent polling like ours (not the floor)"
 
@@ -198,28 +202,12 @@ class PipeFloorPolling(PipeFloor):
         self.spin = spin
         self.poller = select.poll()
         self.poller.register(self.rout, select.POLLIN)
-        os.set_blocking(self.rout, False)
 
-    def prove(self, task: Task | None = None) -> bytes:
-        self.ids += 1
-        self.request["id"] = self.ids
-        payload = self.encode(self.request)
-        os.write(self.win, len(payload).to_bytes(4, "big") + payload)
-        data, until = b"", time.perf_counter() + self.spin
-        while len(data) < 4 or len(data) < 4 + int.from_bytes(data[:4]):
-            try:
-                chunk = os.read(self.rout, 65536)
-            except BlockingIOError:
-                if time.perf_counter() >= until:
-                    self.poller.poll()
-                continue
-            if not chunk:
-                raise RuntimeError("the child closed its stdout")
-            data += chunk
-        answer = self.decode(data[4:])
-        if answer["id"] != self.ids:
-            raise RuntimeError(f"floor child answered {answer['id']} to request {self.ids}")
-        return answer["output"]["proofs"][0]
+    def _poll(self) -> None:
+        """Until the answer is there or `spin` is up, look without blocking (the read blocks)."""
+        until = time.perf_counter() + self.spin
+        while not self.poller.poll(0) and time.perf_counter() < until:
+            pass
 
 
 class OwnChildBlocking:

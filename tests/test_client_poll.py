@@ -27,6 +27,7 @@ import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
 from helpers.frontend import make_task
+from helpers.supervisor import TaskSteps, instruments
 
 from damocles_ext import client as client_module
 from damocles_ext.client import connect
@@ -62,28 +63,6 @@ class StepGate(trio.abc.Instrument):
     def wait_next(self, timeout: float = 5.0) -> bool:
         with self.changed:
             return self.changed.wait_for(lambda: self.steps > self.after >= 0, timeout)
-
-
-class ReaderSteps(trio.abc.Instrument):
-    """How many steps the clients' reader tasks took."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name.endswith("Client._run"):
-            self.steps += 1
-
-
-@contextmanager
-def instruments(*added: trio.abc.Instrument) -> Iterator[None]:
-    for instrument in added:
-        trio.lowlevel.add_instrument(instrument)
-    try:
-        yield
-    finally:
-        for instrument in added:
-            trio.lowlevel.remove_instrument(instrument)
 
 
 def answer(n: int, req: dext.Request, conn: socket.socket) -> None:
@@ -139,7 +118,7 @@ async def failed_in_the_poll(client, gate: StepGate, monkeypatch) -> str:
 
 
 async def test_lone_requests_answered_in_the_poll_are_each_a_checkpoint(sock_path, monkeypatch):
-    gate, reader = StepGate(trio.lowlevel.current_task()), ReaderSteps()
+    gate, reader = StepGate(trio.lowlevel.current_task()), TaskSteps("Client._run")
 
     def answers_in_the_poll(n: int, req: dext.Request, conn: socket.socket) -> None:
         assert n == 1 or gate.wait_next(), "the caller took no step after sending: no poll"
@@ -158,7 +137,7 @@ async def test_lone_requests_answered_in_the_poll_are_each_a_checkpoint(sock_pat
 
 
 async def test_progress_read_in_the_poll_reaches_its_callback(sock_path, monkeypatch):
-    gate, reader = StepGate(trio.lowlevel.current_task()), ReaderSteps()
+    gate, reader = StepGate(trio.lowlevel.current_task()), TaskSteps("Client._run")
 
     def talkative(n: int, req: dext.Request, conn: socket.socket) -> None:
         if n > 1:

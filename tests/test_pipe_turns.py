@@ -18,7 +18,16 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 import trio.testing
-from helpers.supervisor import child_stats, dext_child, spec, wait_until_real, who, window_task
+from helpers.supervisor import (
+    TaskSteps,
+    child_stats,
+    dext_child,
+    instruments,
+    spec,
+    wait_until_real,
+    who,
+    window_task,
+)
 
 from damocles_ext.api import open_supervisor
 from damocles_ext.errors import ProverError
@@ -99,17 +108,6 @@ class BlockingWaits(trio.abc.Instrument):
             self.waits += 1
 
 
-class ReaderSteps(trio.abc.Instrument):
-    """How many steps the children's reader tasks took."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name.endswith("child_loop.read"):
-            self.steps += 1
-
-
 def process(sup):
     (child,) = sup._children.values()
     return child.p
@@ -143,7 +141,7 @@ async def test_callers_one_after_another_read_their_own_answers_the_reader_takes
     mock_clock,
 ):
     async with warmed([spec(CHILD)]) as sup:
-        steps = ReaderSteps()
+        steps = TaskSteps("child_loop.read")
         trio.lowlevel.add_instrument(steps)
         try:
             for miner in range(10, 40):
@@ -158,7 +156,7 @@ async def test_callers_one_after_another_read_their_own_answers_the_reader_takes
 async def test_a_caller_reading_its_pipe_hears_its_progress(mock_clock):
     seen: list = []
     async with warmed([spec(CHILD)]) as sup:
-        steps = ReaderSteps()
+        steps = TaskSteps("child_loop.read")
         trio.lowlevel.add_instrument(steps)
         try:
             out = await sup.submit(window_task(miner=TALKATIVE), on_progress=seen.append)
@@ -245,7 +243,7 @@ async def test_a_cancelled_caller_hands_the_pipe_back_to_the_reader(mock_clock):
 async def test_a_caller_reading_the_pipe_reads_the_answers_of_others_waiting(mock_clock):
     results: dict = {}
     async with warmed([spec(fake_child(capacity=2), concurrent=2)]) as sup:
-        steps = ReaderSteps()
+        steps = TaskSteps("child_loop.read")
         async with trio.open_nursery() as nursery:
             await held_by_a_caller(sup, nursery, results)
             trio.lowlevel.add_instrument(steps)
@@ -404,17 +402,12 @@ async def test_a_submit_answered_while_its_caller_polls_lets_the_other_tasks_run
     monkeypatch.setattr(pipe_turns, "SPIN", 10.0)  # every answer comes within the poll
     async with warmed([spec(CHILD)]) as sup:
         await quick_now(sup)
-        steps, waits = ReaderSteps(), BlockingWaits()
-        trio.lowlevel.add_instrument(steps)
-        trio.lowlevel.add_instrument(waits)
-        try:
+        steps, waits = TaskSteps("child_loop.read"), BlockingWaits()
+        with instruments(steps, waits):
             for miner in range(40, 70):
                 assert process(sup).turn.quick
                 with trio.testing.assert_checkpoints():  # a cancel point and a schedule point
                     assert who(await sup.submit(window_task(miner=miner)))[0] == miner
-        finally:
-            trio.lowlevel.remove_instrument(steps)
-            trio.lowlevel.remove_instrument(waits)
         # Each answer read by its caller's poll: the run loop never slept on the pipe.
         assert steps.steps == 0 and waits.waits == 0 and child_stats(sup).in_flight == 0
 

@@ -6,6 +6,8 @@ import os
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psutil
 import trio
@@ -274,3 +276,27 @@ async def wait_until_real(predicate, timeout: float = 30.0, what: str = "conditi
         if time.monotonic() > give_up:
             raise AssertionError(f"no {what} within {timeout} s of real time")
         await trio.testing.wait_all_tasks_blocked(0.01)
+
+
+class TaskSteps(trio.abc.Instrument):
+    """How many steps the tasks whose name ends with `suffix` took (a reader task's, say)."""
+
+    def __init__(self, suffix: str) -> None:
+        self.suffix = suffix
+        self.steps = 0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task.name.endswith(self.suffix):
+            self.steps += 1
+
+
+@contextmanager
+def instruments(*added: trio.abc.Instrument) -> Iterator[None]:
+    """`added` watch this trio run within the block."""
+    for instrument in added:
+        trio.lowlevel.add_instrument(instrument)
+    try:
+        yield
+    finally:
+        for instrument in added:
+            trio.lowlevel.remove_instrument(instrument)
