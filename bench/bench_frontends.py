@@ -35,6 +35,11 @@ Each figure is measured in each of R repeats and reported as min / median / max 
 a repeat the round trips are taken in TURNS turns, the ways one after the other in each (a
 different one first each time), so that a ratio compares ways measured over the same seconds of
 this VM, whose wake-up cost drifts within seconds; the throughputs and floods, one after the other.
+All R repeats' round trips come first, then the R repeats' throughputs and floods, as in
+bench_supervisor: after a flood of 100,000 requests this VM's wake-ups stay slower for a while
+(the raw echo's round trip too), and a way that sleeps more often (the socket's, three processes
+in turn) slows most. --round-trips-between-floods takes them as this benchmark did until
+2026-12-08, each repeat's just before its own floods, so after the previous repeat's.
 """
 
 from __future__ import annotations
@@ -366,11 +371,20 @@ async def measure(args, tmp: Path) -> dict[str, list[float]]:
                 }
                 for fn in ways.values():
                     await _timed(fn, args.latency // 10)  # warm-up
-                for r in range(args.repeats):
-                    print(f"repeat {r + 1}/{args.repeats} ...", flush=True)
+
+                async def round_trips(r: int) -> None:
                     p50s = await interleaved_round_trips(ways, args.latency, r)
                     for name, p50 in p50s.items():
                         add(f"{name}_round_trip_s", p50)
+
+                if not args.round_trips_between_floods:
+                    for r in range(args.repeats):
+                        print(f"round trips, repeat {r + 1}/{args.repeats} ...", flush=True)
+                        await round_trips(r)
+                for r in range(args.repeats):
+                    print(f"throughputs and floods, repeat {r + 1}/{args.repeats} ...", flush=True)
+                    if args.round_trips_between_floods:
+                        await round_trips(r)
                     total = args.window_requests
                     add("api_per_s", await windowed(via_api, total, WINDOW))
                     add("socket_per_s", await windowed(via_socket, total, WINDOW))
@@ -445,6 +459,13 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="a smoke run: at most 2 repeats and 2000-request floods, fewer round trips"
         " (--save writes frontends-quick.json)",
+    )
+    parser.add_argument(
+        "--round-trips-between-floods",
+        action="store_true",
+        help="take each repeat's round trips just before its throughputs and floods, so after"
+        " the previous repeat's (as this benchmark did until 2026-12-08); default: every"
+        " repeat's round trips first, before any throughput or flood, as bench_supervisor does",
     )
     args = parser.parse_args(argv)
     if args.flood < 1 or args.repeats < 1:
@@ -580,6 +601,11 @@ def main(argv: list[str] | None = None) -> None:
             "window": WINDOW,
             "window_requests_per_repeat": args.window_requests,
             "flood": args.flood,
+            "round_trips": (
+                "each repeat's before its throughputs and floods"
+                if args.round_trips_between_floods
+                else "all repeats' first, before any throughput or flood"
+            ),
         },
         "round_trip_p50_us": rt,
         "requests_per_s_window": rate,
