@@ -27,7 +27,7 @@ import trio
 import trio.testing
 from damocles_ext_plugins.testing import echo_output
 from helpers.frontend import make_task
-from helpers.supervisor import TaskSteps, instruments
+from helpers.supervisor import StepGate, TaskSteps, instruments
 
 from damocles_ext import client as client_module
 from damocles_ext.client import connect
@@ -37,32 +37,6 @@ from damocles_ext.protocol import dext
 
 #: What the fake supervisor does with the client's nth request (from 1): it writes on `conn`.
 Reply = Callable[[int, dext.Request, socket.socket], None]
-
-
-class StepGate(trio.abc.Instrument):
-    """Counts the steps of one trio task (the caller); `wait_next` (from the server's thread)
-    waits for the first step after `arm()`, up to `timeout` seconds: False if none came."""
-
-    def __init__(self, task: trio.lowlevel.Task) -> None:
-        self.task = task
-        self.steps = 0
-        self.after = -1
-        self.changed = threading.Condition()
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task is self.task:
-            with self.changed:
-                self.steps += 1
-                self.changed.notify_all()
-
-    def arm(self) -> None:
-        """Called by the caller just before a `submit`, which sends before it yields."""
-        with self.changed:
-            self.after = self.steps
-
-    def wait_next(self, timeout: float = 5.0) -> bool:
-        with self.changed:
-            return self.changed.wait_for(lambda: self.steps > self.after >= 0, timeout)
 
 
 def answer(n: int, req: dext.Request, conn: socket.socket) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import pytest
 import trio
 import trio.testing
+from helpers.supervisor import BlockingWaits, StepGate, instruments
 
 from damocles_ext.frontends.inbox import YIELD_EVERY, Inbox
 
@@ -90,3 +94,99 @@ async def test_a_stream_without_a_descriptor_is_read_through_receive_some():
     assert await inbox.receive() == b"hello"
     await send.aclose()
     assert await inbox.receive() == b""
+
+
+# -- polling: the control server's reader looks for its client's next request before sleeping ---
+
+
+def _plain_peer() -> tuple[trio.SocketStream, socket.socket]:
+    """Our end as a trio stream; the peer's a plain blocking socket, for a thread to write."""
+    a, b = socket.socketpair()
+    return trio.SocketStream(trio.socket.from_stdlib_socket(a)), b
+
+
+async def _emptied(inbox: Inbox, peer: socket.socket) -> None:
+    """A first read that emptied the socket: the next one would wait."""
+    peer.sendall(b"first")
+    assert await inbox.receive() == b"first"
+
+
+async def test_a_poll_reads_what_comes_within_it_without_sleeping():
+    ours, peer = _plain_peer()
+    inbox = Inbox(ours, 1024)
+    await _emptied(inbox, peer)
+    gate, waits = StepGate(trio.lowlevel.current_task()), BlockingWaits()
+    seen: list[bool] = []
+
+    def write_in_the_poll() -> None:  # once the reader took its step after the schedule point
+        seen.append(gate.wait_next())
+        peer.sendall(b"second")
+
+    thread = threading.Thread(target=write_in_the_poll)
+    with instruments(gate, waits):
+        gate.arm()
+        thread.start()
+        got = await inbox.receive(poll=10.0)
+    thread.join()
+    assert got == b"second" and seen == [True]
+    assert waits.waits == 0  # read in the poll: the run never slept
+    peer.close()
+    await ours.aclose()
+
+
+async def _written_once_asleep(inbox: Inbox, peer: socket.socket, poll: float) -> bool:
+    """Whether the run slept before the peer's bytes came: the peer writes them once it did
+    (or after 5 s); receive(poll) reads them."""
+    waits = BlockingWaits()
+    seen: list[bool] = []
+
+    def write_once_asleep() -> None:
+        seen.append(waits.slept.wait(5))
+        peer.sendall(b"second")
+
+    thread = threading.Thread(target=write_once_asleep)
+    with instruments(waits):
+        thread.start()
+        assert await inbox.receive(poll=poll) == b"second"
+    thread.join()
+    return seen == [True]
+
+
+async def test_a_poll_that_meets_nothing_gives_up_at_its_bound_and_sleeps():
+    ours, peer = _plain_peer()
+    inbox = Inbox(ours, 1024)
+    await _emptied(inbox, peer)
+    assert await _written_once_asleep(inbox, peer, poll=0.01)
+    peer.close()
+    await ours.aclose()
+
+
+async def test_no_poll_while_another_task_is_ready_to_run():
+    # E.g. another connection's reader, its request read: a poll would hold it back.
+    ours, peer = _plain_peer()
+    inbox = Inbox(ours, 1024)
+    await _emptied(inbox, peer)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.lowlevel.checkpoint)  # ready to run, not run yet
+        assert await _written_once_asleep(inbox, peer, poll=10.0)  # (polled: after 10 s)
+    peer.close()
+    await ours.aclose()
+
+
+async def test_the_end_of_the_stream_met_in_a_poll_is_returned_as_it():
+    ours, peer = _plain_peer()
+    inbox = Inbox(ours, 1024)
+    await _emptied(inbox, peer)
+    gate = StepGate(trio.lowlevel.current_task())
+
+    def close_in_the_poll() -> None:
+        gate.wait_next()
+        peer.close()
+
+    thread = threading.Thread(target=close_in_the_poll)
+    with instruments(gate):
+        gate.arm()
+        thread.start()
+        assert await inbox.receive(poll=10.0) == b""
+    thread.join()
+    await ours.aclose()

@@ -19,6 +19,7 @@ import pytest
 import trio
 import trio.testing
 from helpers.supervisor import (
+    BlockingWaits,
     TaskSteps,
     child_stats,
     dext_child,
@@ -95,17 +96,6 @@ def fake_child(late_cancels: bool = False, capacity: int = 1) -> list[str]:
 
 
 CHILD = fake_child()
-
-
-class BlockingWaits(trio.abc.Instrument):
-    """How many times the run loop waited for I/O with no task ready (slept, but for events)."""
-
-    def __init__(self) -> None:
-        self.waits = 0
-
-    def before_io_wait(self, timeout: float) -> None:
-        if timeout > 0:
-            self.waits += 1
 
 
 def process(sup):

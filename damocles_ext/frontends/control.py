@@ -282,6 +282,11 @@ class ControlServer:
     def opened(self) -> None:
         self._open += 1
 
+    @property
+    def owed(self) -> int:
+        """Requests and status requests received and not answered yet, all connections."""
+        return self._open
+
     def answered(self, count: int = 1) -> None:
         self._open -= count
         if self._open == 0 and self._idle is not None:  # (an Event only while one waits)

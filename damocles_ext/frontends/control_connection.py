@@ -4,6 +4,12 @@ per request not taken by the supervisor's callback, and its writer (Progress, Re
 StatusReplies in one write; a lone answer written at once by its own task). Its limits are the
 server's (control.py's module docstring says what a client can hold).
 
+A client that sends its next request within `SPIN` (supervisor/pipe_turns.py) of its last lone
+answer being written has that request looked for without blocking, for up to SPIN, before the
+reader sleeps on the socket (`Inbox.receive`'s poll): only when nothing is owed on any
+connection and no other task is ready to run. A request that comes later turns it off until a
+next one comes within SPIN again, so an idle connection costs one poll at most.
+
 It sees its server through the server's public members (`ControlServer`'s connection-facing
 part) and nothing else."""
 
@@ -12,6 +18,7 @@ from __future__ import annotations
 import logging
 import select
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import trio
@@ -20,6 +27,7 @@ from ..errors import DextError
 from ..protocol import control as control_protocol
 from ..protocol import dext
 from ..protocol.control import ControlResponse
+from ..supervisor import pipe_turns
 from ..tasks import Output, Task, stage_of
 from .control_status import MAX_STATUS_IN_FLIGHT, busy_reply
 from .inbox import Inbox, only_sending_closed
@@ -83,6 +91,8 @@ class Connection:
         # which fails what it had not answered (a client must not send that again).
         self._refusal: str | None = None
         self._refusal_written = trio.Event()  # (or could not be)
+        self._answered_at: float | None = None  # (perf_counter) a lone answer was written
+        self._next_quick = False  # the client's next bytes came within SPIN of that
 
     @property
     def idle(self) -> bool:
@@ -173,10 +183,16 @@ class Connection:
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
+            poll = 0.0
+            if self._answered_at is not None and self._next_quick and not self._server.owed:
+                poll = pipe_turns.SPIN
             try:
-                data = await self._inbox.receive()
+                data = await self._inbox.receive(poll)
             except trio.BrokenResourceError:
                 data = b""
+            if self._answered_at is not None:  # the client's next bytes after a lone answer
+                self._next_quick = perf_counter() - self._answered_at <= pipe_turns.SPIN
+                self._answered_at = None
             if self._read_scope.cancel_called:
                 # Closed (evicted, idle) as these bytes came: a read that needs no wait is no
                 # checkpoint, so they would be acted on before the cancel. Not acted on, the
@@ -361,8 +377,10 @@ class Connection:
             # The one request in flight, and the writer has nothing: written now, without
             # waking the writer (one task switch and one checkpoint less per request).
             frame = dext.encode(response)
+            written_at = perf_counter()  # (before: the client may answer as the write returns)
             done = write_now(self._fd, frame)
             if done == len(frame):
+                self._answered_at = written_at
                 self._answered(1)
                 self._activity()
                 return

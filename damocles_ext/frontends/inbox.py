@@ -12,6 +12,13 @@ other tasks. A stream without a descriptor (trio's memory streams in tests) is r
 
 Unlike `receive_some`, `receive` is not a checkpoint when data is waiting: a cancelled caller
 gets Cancelled at its next wait (or within a few reads), not at once.
+
+`receive(poll=seconds)`: when the socket is empty and no other task is ready to run, the caller
+lets the other tasks run once (a schedule point), then looks at the socket without blocking for
+up to that long before it sleeps on it: bytes that come within it are read at once, where a
+sleeping process is woken only after the scheduler brought an idle CPU back (the control
+server's reader, when its client sends its next request right after each answer; see
+control_connection.py).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+from time import perf_counter
 
 import trio
 
@@ -38,14 +46,25 @@ class Inbox:
         self._wait = False  # the last read emptied the socket: wait before the next one
         self._unyielded = 0
 
-    async def receive(self) -> bytes:
+    async def receive(self, poll: float = 0.0) -> bytes:
         """The next bytes; raises BrokenResourceError if the stream broke, and
-        ClosedResourceError if it was closed (as `receive_some` does)."""
+        ClosedResourceError if it was closed (as `receive_some` does). `poll` (seconds): how
+        long to look for them without blocking first, when the socket is empty (see above)."""
         fd = self._fd
         if fd is None:
             return bytes(await self._stream.receive_some(self._size))
         self._check_open(fd)  # closed between two calls: its number may be another's now
         while True:
+            if self._wait and poll > 0.0 and not _others_ready():
+                self._unyielded = 0
+                await trio.lowlevel.cancel_shielded_checkpoint()  # (the other tasks run first)
+                self._check_open(fd)
+                until = perf_counter() + poll
+                while (data := self._read(fd)) is None and perf_counter() < until:
+                    pass
+                if data is not None:
+                    return data
+            poll = 0.0
             if self._wait:
                 self._unyielded = 0
                 await trio.lowlevel.wait_readable(fd)
@@ -54,22 +73,33 @@ class Inbox:
                 self._unyielded = 0
                 await trio.lowlevel.checkpoint()
                 self._check_open(fd)
-            try:
-                data = os.read(fd, self._size)
-            except BlockingIOError:
-                self._wait = True
-                continue
-            except OSError as exc:
-                if exc.errno == errno.EBADF:
-                    raise trio.ClosedResourceError("the stream was closed") from exc
-                raise trio.BrokenResourceError(f"cannot read the stream: {exc}") from exc
-            self._unyielded += 1
-            self._wait = 0 < len(data) < self._size
-            return data
+            data = self._read(fd)
+            if data is not None:
+                return data
+
+    def _read(self, fd: int) -> bytes | None:
+        """One read of `fd`: its bytes, or None when it had none (it is to be waited on)."""
+        try:
+            data = os.read(fd, self._size)
+        except BlockingIOError:
+            self._wait = True
+            return None
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                raise trio.ClosedResourceError("the stream was closed") from exc
+            raise trio.BrokenResourceError(f"cannot read the stream: {exc}") from exc
+        self._unyielded += 1
+        self._wait = 0 < len(data) < self._size
+        return data
 
     def _check_open(self, fd: int) -> None:
         if stream_fd(self._stream) != fd:  # a closed trio socket's fileno() is -1
             raise trio.ClosedResourceError("the stream was closed")
+
+
+def _others_ready() -> bool:
+    """Whether another task of this trio run is ready, waiting for its turn."""
+    return trio.lowlevel.current_statistics().tasks_runnable > 0
 
 
 def only_sending_closed(fd: int) -> bool:

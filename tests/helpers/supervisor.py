@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -288,6 +289,45 @@ class TaskSteps(trio.abc.Instrument):
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         if task.name.endswith(self.suffix):
             self.steps += 1
+
+
+class BlockingWaits(trio.abc.Instrument):
+    """How many times the run loop waited for I/O with no task ready (slept, but for events)."""
+
+    def __init__(self) -> None:
+        self.waits = 0
+        self.slept = threading.Event()  # set at each (for another thread to wait on)
+
+    def before_io_wait(self, timeout: float) -> None:
+        if timeout > 0:
+            self.waits += 1
+            self.slept.set()
+
+
+class StepGate(trio.abc.Instrument):
+    """Counts the steps of one trio task (the caller); `wait_next` (from the server's thread)
+    waits for the first step after `arm()`, up to `timeout` seconds: False if none came."""
+
+    def __init__(self, task: trio.lowlevel.Task) -> None:
+        self.task = task
+        self.steps = 0
+        self.after = -1
+        self.changed = threading.Condition()
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        if task is self.task:
+            with self.changed:
+                self.steps += 1
+                self.changed.notify_all()
+
+    def arm(self) -> None:
+        """Called by the caller just before a `submit`, which sends before it yields."""
+        with self.changed:
+            self.after = self.steps
+
+    def wait_next(self, timeout: float = 5.0) -> bool:
+        with self.changed:
+            return self.changed.wait_for(lambda: self.steps > self.after >= 0, timeout)
 
 
 @contextmanager
