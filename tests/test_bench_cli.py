@@ -559,11 +559,14 @@ def test_the_sectors_benchmark_runs_small_checks_every_answer_and_saves_nothing(
 
 
 @pytest.mark.slow  # spawns run, serve and their children; ~10-20 s on a loaded 2-core machine
-def test_the_frontends_benchmark_checks_every_flood_answer_and_says_whether_each_goal_is_met():
+@pytest.mark.parametrize("order", [[], ["--round-trips-between-floods"]])
+def test_the_frontends_benchmark_checks_every_flood_answer_and_says_whether_each_goal_is_met(
+    order,
+):
     before = _results_snapshot()
     done = subprocess.run(
-        [sys.executable, "-m", "bench.bench_frontends", "--quick", "--repeats", "1", "--flood",
-         "200"],
+        [sys.executable, "-m", "bench.bench_frontends", "--quick", "--repeats", "2", "--flood",
+         "200", *order],
         cwd=ROOT,
         capture_output=True,
         stdin=subprocess.DEVNULL,
@@ -581,6 +584,17 @@ def test_the_frontends_benchmark_checks_every_flood_answer_and_says_whether_each
         assert re.search(rf"goal (met    |NOT met)  {goal}_within_2x_api", out), out
     assert "not saved (add --save to write bench/results/frontends-quick.json)" in out
     assert _results_snapshot() == before
+    # Every repeat's round trips first (as bench_supervisor), or each just before its floods.
+    phases = re.findall(r"^(round trips|throughputs and floods), repeat (\d)/2", out, re.MULTILINE)
+    if order:
+        assert phases == [("throughputs and floods", "1"), ("throughputs and floods", "2")]
+    else:
+        assert phases == [
+            ("round trips", "1"),
+            ("round trips", "2"),
+            ("throughputs and floods", "1"),
+            ("throughputs and floods", "2"),
+        ]
 
 
 def _bench_child(*args: str) -> subprocess.CompletedProcess:
