@@ -382,7 +382,10 @@ async def measure(args, tmp: Path) -> dict[str, list[float]]:
                         print(f"round trips, repeat {r + 1}/{args.repeats} ...", flush=True)
                         await round_trips(r)
                 for r in range(args.repeats):
-                    print(f"throughputs and floods, repeat {r + 1}/{args.repeats} ...", flush=True)
+                    what = "throughputs and floods"
+                    if args.round_trips_between_floods:
+                        what = "round trips, throughputs and floods"
+                    print(f"{what}, repeat {r + 1}/{args.repeats} ...", flush=True)
                     if args.round_trips_between_floods:
                         await round_trips(r)
                     total = args.window_requests

@@ -190,3 +190,18 @@ async def test_the_end_of_the_stream_met_in_a_poll_is_returned_as_it():
         assert await inbox.receive(poll=10.0) == b""
     thread.join()
     await ours.aclose()
+
+
+async def test_a_reader_cancelled_as_it_would_poll_is_cancelled_and_reads_nothing():
+    # E.g. its connection closed (evicted, idle, the server stopping): what came is not read.
+    ours, peer = _plain_peer()
+    inbox = Inbox(ours, 1024)
+    await _emptied(inbox, peer)
+    peer.sendall(b"second")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await inbox.receive(poll=10.0)
+    assert scope.cancelled_caught
+    assert await inbox.receive() == b"second"  # still there
+    peer.close()
+    await ours.aclose()

@@ -13,12 +13,13 @@ other tasks. A stream without a descriptor (trio's memory streams in tests) is r
 Unlike `receive_some`, `receive` is not a checkpoint when data is waiting: a cancelled caller
 gets Cancelled at its next wait (or within a few reads), not at once.
 
-`receive(poll=seconds)`: when the socket is empty and no other task is ready to run, the caller
-lets the other tasks run once (a schedule point), then looks at the socket without blocking for
-up to that long before it sleeps on it: bytes that come within it are read at once, where a
-sleeping process is woken only after the scheduler brought an idle CPU back (the control
-server's reader, when its client sends its next request right after each answer; see
-control_connection.py).
+`receive(poll=seconds)`: when the socket is empty and no other task waits in trio's run queue,
+the caller lets the other tasks run once (a schedule point, where a cancel is raised), then
+looks at the socket without blocking for up to that long before it sleeps on it: bytes that come
+within it are read at once, where a sleeping process is woken only after the scheduler brought
+an idle CPU back (the control server's reader, when its client sends its next request right
+after each answer; see control_connection.py). A task made ready in the same pass of trio's loop
+may wait for the poll's end: the poll is bounded, and short.
 """
 
 from __future__ import annotations
@@ -57,14 +58,14 @@ class Inbox:
         while True:
             if self._wait and poll > 0.0 and not _others_ready():
                 self._unyielded = 0
-                await trio.lowlevel.cancel_shielded_checkpoint()  # (the other tasks run first)
+                await trio.lowlevel.checkpoint()  # (the other tasks run first; a cancel raises)
                 self._check_open(fd)
                 until = perf_counter() + poll
                 while (data := self._read(fd)) is None and perf_counter() < until:
                     pass
                 if data is not None:
                     return data
-            poll = 0.0
+                poll = 0.0  # (once a call)
             if self._wait:
                 self._unyielded = 0
                 await trio.lowlevel.wait_readable(fd)
@@ -98,7 +99,9 @@ class Inbox:
 
 
 def _others_ready() -> bool:
-    """Whether another task of this trio run is ready, waiting for its turn."""
+    """Whether another task of this trio run waits in its run queue (made ready before this
+    pass of the loop's batch reached it; the tasks of the batch still to run are not seen).
+    trio's statistics count every registered descriptor too: one pass over them a poll."""
     return trio.lowlevel.current_statistics().tasks_runnable > 0
 
 
