@@ -161,18 +161,6 @@ async def test_a_poll_that_meets_nothing_gives_up_at_its_bound_and_sleeps():
     await ours.aclose()
 
 
-async def test_no_poll_while_another_task_is_ready_to_run():
-    # E.g. another connection's reader, its request read: a poll would hold it back.
-    ours, peer = _plain_peer()
-    inbox = Inbox(ours, 1024)
-    await _emptied(inbox, peer)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(trio.lowlevel.checkpoint)  # ready to run, not run yet
-        assert await _written_once_asleep(inbox, peer, poll=10.0)  # (polled: after 10 s)
-    peer.close()
-    await ours.aclose()
-
-
 async def test_the_end_of_the_stream_met_in_a_poll_is_returned_as_it():
     ours, peer = _plain_peer()
     inbox = Inbox(ours, 1024)

@@ -8,9 +8,9 @@ A client that sends its next request within `SPIN` (supervisor/pipe_turns.py) of
 answer being written has that request looked for without blocking, for up to SPIN, before the
 reader sleeps on the socket (`Inbox.receive`'s poll): only when the reader's own task wrote
 that answer (the batch that sent its request read the child's answer in its own poll: a child
-that answers within SPIN), nothing is owed on any connection, and no other task waits in trio's
-run queue. A request that comes later turns it off until a next one comes within SPIN again, so
-an idle connection costs one poll at most.
+that answers within SPIN), and nothing is owed on any connection (another connection's answer
+would wait). A request that comes later turns it off until a next one comes within SPIN again,
+so an idle connection costs one poll at most.
 
 It sees its server through the server's public members (`ControlServer`'s connection-facing
 part) and nothing else."""

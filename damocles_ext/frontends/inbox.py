@@ -13,13 +13,15 @@ other tasks. A stream without a descriptor (trio's memory streams in tests) is r
 Unlike `receive_some`, `receive` is not a checkpoint when data is waiting: a cancelled caller
 gets Cancelled at its next wait (or within a few reads), not at once.
 
-`receive(poll=seconds)`: when the socket is empty and no other task waits in trio's run queue,
-the caller lets the other tasks run once (a schedule point, where a cancel is raised), then
-looks at the socket without blocking for up to that long before it sleeps on it: bytes that come
-within it are read at once, where a sleeping process is woken only after the scheduler brought
-an idle CPU back (the control server's reader, when its client sends its next request right
-after each answer; see control_connection.py). A task made ready in the same pass of trio's loop
-may wait for the poll's end: the poll is bounded, and short.
+`receive(poll=seconds)`: when the socket is empty, the caller lets the other tasks run once (a
+schedule point, where a cancel is raised), then looks at the socket without blocking for up to
+that long before it sleeps on it: bytes that come within it are read at once, where a sleeping
+process is woken only after the scheduler brought an idle CPU back (the control server's reader,
+when its client sends its next request right after each answer; see control_connection.py). A
+task made ready in the same pass of trio's loop may wait for the poll's end: the poll is bounded,
+and short. (Whether other tasks are ready is not asked: trio's statistics, its only public
+answer, walk every registered descriptor, 5 to 18 us a call with 10 to 300 of them on this VM,
+as much as the poll saves.)
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class Inbox:
             return bytes(await self._stream.receive_some(self._size))
         self._check_open(fd)  # closed between two calls: its number may be another's now
         while True:
-            if self._wait and poll > 0.0 and not _others_ready():
+            if self._wait and poll > 0.0:
                 self._unyielded = 0
                 await trio.lowlevel.checkpoint()  # (the other tasks run first; a cancel raises)
                 self._check_open(fd)
@@ -96,13 +98,6 @@ class Inbox:
     def _check_open(self, fd: int) -> None:
         if stream_fd(self._stream) != fd:  # a closed trio socket's fileno() is -1
             raise trio.ClosedResourceError("the stream was closed")
-
-
-def _others_ready() -> bool:
-    """Whether another task of this trio run waits in its run queue (made ready before this
-    pass of the loop's batch reached it; the tasks of the batch still to run are not seen).
-    trio's statistics count every registered descriptor too: one pass over them a poll."""
-    return trio.lowlevel.current_statistics().tasks_runnable > 0
 
 
 def only_sending_closed(fd: int) -> bool:
