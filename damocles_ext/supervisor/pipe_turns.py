@@ -186,10 +186,11 @@ async def read_own(host: ChildHost, child: Child, p: Process, waiter: Waiter, on
 
 def poll_answers(host: ChildHost, child: Child, p: Process, on_data: Any) -> None:
     """A front end's batch has just sent `p` requests, with nothing else in flight on it: read
-    their answers (`on_data` on what comes) for up to SPIN if `p` is quick and no other task is
-    ready to run (another connection's request read meanwhile, say: the poll would hold it
-    back), else have its reader time them. Not while a caller reads `p` (its answers are that
-    caller's to read), nor before the requests are all written."""
+    their answers (`on_data` on what comes) for up to SPIN if `p` is quick and no other task
+    waits in trio's run queue (one made ready earlier in this pass of the loop, which the poll
+    would hold back; the tasks of the pass still to run are not seen, and may wait for the poll,
+    SPIN at most), else have its reader time them. Not while a caller reads `p` (its answers are
+    that caller's to read), nor before the requests are all written."""
     turn = p.turn
     if turn.caller is not None or p.read_ended or p.down_reason is not None or p.queued_writes:
         return
