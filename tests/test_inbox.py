@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -99,39 +101,39 @@ async def test_a_stream_without_a_descriptor_is_read_through_receive_some():
 # -- polling: the control server's reader looks for its client's next request before sleeping ---
 
 
-def _plain_peer() -> tuple[trio.SocketStream, socket.socket]:
-    """Our end as a trio stream; the peer's a plain blocking socket, for a thread to write."""
-    a, b = socket.socketpair()
-    return trio.SocketStream(trio.socket.from_stdlib_socket(a)), b
-
-
-async def _emptied(inbox: Inbox, peer: socket.socket) -> None:
-    """A first read that emptied the socket: the next one would wait."""
-    peer.sendall(b"first")
-    assert await inbox.receive() == b"first"
+@asynccontextmanager
+async def _emptied() -> AsyncIterator[tuple[Inbox, socket.socket]]:
+    """An Inbox on our end of a socket pair, its first read having emptied the socket (the next
+    one would wait), and the peer's end as a plain blocking socket, for a thread to write."""
+    a, peer = socket.socketpair()
+    ours = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    inbox = Inbox(ours, 1024)
+    try:
+        peer.sendall(b"first")
+        assert await inbox.receive() == b"first"
+        yield inbox, peer
+    finally:
+        peer.close()
+        await ours.aclose()
 
 
 async def test_a_poll_reads_what_comes_within_it_without_sleeping():
-    ours, peer = _plain_peer()
-    inbox = Inbox(ours, 1024)
-    await _emptied(inbox, peer)
-    gate, waits = StepGate(trio.lowlevel.current_task()), BlockingWaits()
-    seen: list[bool] = []
+    async with _emptied() as (inbox, peer):
+        gate, waits = StepGate(trio.lowlevel.current_task()), BlockingWaits()
+        seen: list[bool] = []
 
-    def write_in_the_poll() -> None:  # once the reader took its step after the schedule point
-        seen.append(gate.wait_next())
-        peer.sendall(b"second")
+        def write_in_the_poll() -> None:  # once the reader took its step after the schedule point
+            seen.append(gate.wait_next())
+            peer.sendall(b"second")
 
-    thread = threading.Thread(target=write_in_the_poll)
-    with instruments(gate, waits):
-        gate.arm()
-        thread.start()
-        got = await inbox.receive(poll=10.0)
-    thread.join()
-    assert got == b"second" and seen == [True]
-    assert waits.waits == 0  # read in the poll: the run never slept
-    peer.close()
-    await ours.aclose()
+        thread = threading.Thread(target=write_in_the_poll)
+        with instruments(gate, waits):
+            gate.arm()
+            thread.start()
+            got = await inbox.receive(poll=10.0)
+        thread.join()
+        assert got == b"second" and seen == [True]
+        assert waits.waits == 0  # read in the poll: the run never slept
 
 
 async def _written_once_asleep(inbox: Inbox, peer: socket.socket, poll: float) -> bool:
@@ -153,43 +155,32 @@ async def _written_once_asleep(inbox: Inbox, peer: socket.socket, poll: float) -
 
 
 async def test_a_poll_that_meets_nothing_gives_up_at_its_bound_and_sleeps():
-    ours, peer = _plain_peer()
-    inbox = Inbox(ours, 1024)
-    await _emptied(inbox, peer)
-    assert await _written_once_asleep(inbox, peer, poll=0.01)
-    peer.close()
-    await ours.aclose()
+    async with _emptied() as (inbox, peer):
+        assert await _written_once_asleep(inbox, peer, poll=0.01)
 
 
 async def test_the_end_of_the_stream_met_in_a_poll_is_returned_as_it():
-    ours, peer = _plain_peer()
-    inbox = Inbox(ours, 1024)
-    await _emptied(inbox, peer)
-    gate = StepGate(trio.lowlevel.current_task())
+    async with _emptied() as (inbox, peer):
+        gate = StepGate(trio.lowlevel.current_task())
 
-    def close_in_the_poll() -> None:
-        gate.wait_next()
-        peer.close()
+        def shut_in_the_poll() -> None:
+            gate.wait_next()
+            peer.shutdown(socket.SHUT_WR)
 
-    thread = threading.Thread(target=close_in_the_poll)
-    with instruments(gate):
-        gate.arm()
-        thread.start()
-        assert await inbox.receive(poll=10.0) == b""
-    thread.join()
-    await ours.aclose()
+        thread = threading.Thread(target=shut_in_the_poll)
+        with instruments(gate):
+            gate.arm()
+            thread.start()
+            assert await inbox.receive(poll=10.0) == b""
+        thread.join()
 
 
 async def test_a_reader_cancelled_as_it_would_poll_is_cancelled_and_reads_nothing():
     # E.g. its connection closed (evicted, idle, the server stopping): what came is not read.
-    ours, peer = _plain_peer()
-    inbox = Inbox(ours, 1024)
-    await _emptied(inbox, peer)
-    peer.sendall(b"second")
-    with trio.CancelScope() as scope:
-        scope.cancel()
-        await inbox.receive(poll=10.0)
-    assert scope.cancelled_caught
-    assert await inbox.receive() == b"second"  # still there
-    peer.close()
-    await ours.aclose()
+    async with _emptied() as (inbox, peer):
+        peer.sendall(b"second")
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await inbox.receive(poll=10.0)
+        assert scope.cancelled_caught
+        assert await inbox.receive() == b"second"  # still there
