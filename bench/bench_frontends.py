@@ -377,16 +377,18 @@ async def measure(args, tmp: Path) -> dict[str, list[float]]:
                     for name, p50 in p50s.items():
                         add(f"{name}_round_trip_s", p50)
 
-                if not args.round_trips_between_floods:
-                    for r in range(args.repeats):
-                        print(f"round trips, repeat {r + 1}/{args.repeats} ...", flush=True)
-                        await round_trips(r)
+                between = args.round_trips_between_floods
+                for r in range(0 if between else args.repeats):
+                    print(f"round trips, repeat {r + 1}/{args.repeats} ...", flush=True)
+                    await round_trips(r)
                 for r in range(args.repeats):
-                    what = "throughputs and floods"
-                    if args.round_trips_between_floods:
-                        what = "round trips, throughputs and floods"
+                    what = (
+                        "round trips, throughputs and floods"
+                        if between
+                        else "throughputs and floods"
+                    )
                     print(f"{what}, repeat {r + 1}/{args.repeats} ...", flush=True)
-                    if args.round_trips_between_floods:
+                    if between:
                         await round_trips(r)
                     total = args.window_requests
                     add("api_per_s", await windowed(via_api, total, WINDOW))

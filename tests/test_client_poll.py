@@ -79,6 +79,20 @@ async def polling_client(client, monkeypatch, poll: float) -> None:
     assert client._quick
 
 
+def second_in_the_poll(gate: StepGate, act: Callable[[socket.socket], None]) -> Reply:
+    """Answers each request but the second; on that one, `act` on the connection once the
+    caller took its polling step."""
+
+    def reply(n: int, req: dext.Request, conn: socket.socket) -> None:
+        if n == 2:
+            assert gate.wait_next(), "no poll"
+            act(conn)
+        else:
+            answer(n, req, conn)
+
+    return reply
+
+
 async def failed_in_the_poll(client, gate: StepGate, monkeypatch) -> str:
     """A polling client's second request, its server's failure gated on the poll: what the
     ProverError it raised says (the connection is lost by then)."""
@@ -158,15 +172,10 @@ async def test_a_frame_breaking_the_protocol_met_in_the_poll_fails_the_connectio
     sock_path, monkeypatch
 ):
     gate = StepGate(trio.lowlevel.current_task())
-
-    def breaks_on_the_second(n: int, req: dext.Request, conn: socket.socket) -> None:
-        if n == 2:
-            assert gate.wait_next(), "no poll"
-            conn.sendall(b"\xff" * 8 + b"more bytes the reader must not decode")
-        else:
-            answer(n, req, conn)
-
-    with trio.fail_after(20), fake_supervisor(sock_path, breaks_on_the_second):
+    breaks = second_in_the_poll(
+        gate, lambda conn: conn.sendall(b"\xff" * 8 + b"more bytes the reader must not decode")
+    )
+    with trio.fail_after(20), fake_supervisor(sock_path, breaks):
         async with connect(sock_path) as client:
             said = await failed_in_the_poll(client, gate, monkeypatch)
             assert isinstance(client._poll_error, dext.FrameTooLarge)  # met by the poll
@@ -179,15 +188,8 @@ async def test_the_connection_closed_while_the_client_polls_fails_the_request(
     sock_path, monkeypatch
 ):
     gate = StepGate(trio.lowlevel.current_task())
-
-    def closes_on_the_second(n: int, req: dext.Request, conn: socket.socket) -> None:
-        if n == 2:
-            assert gate.wait_next(), "no poll"
-            conn.shutdown(socket.SHUT_RDWR)
-        else:
-            answer(n, req, conn)
-
-    with trio.fail_after(20), fake_supervisor(sock_path, closes_on_the_second):
+    closes = second_in_the_poll(gate, lambda conn: conn.shutdown(socket.SHUT_RDWR))
+    with trio.fail_after(20), fake_supervisor(sock_path, closes):
         async with connect(sock_path) as client:
             said = await failed_in_the_poll(client, gate, monkeypatch)
             assert client._poll_error is None  # the end of the stream: the reader's to say
