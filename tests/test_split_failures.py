@@ -287,14 +287,16 @@ async def test_a_window_post_no_snark_child_can_prove_fails_at_once_without_a_va
 async def test_serve_says_which_step_of_a_split_window_post_missed_its_deadline(
     tmp_path, stderr_file
 ):
-    # Two WindowPoSts; the first's SNARK step holds the one GPU past both deadlines, so the
+    # Two WindowPoSts; the first's SNARK step holds the one GPU past both deadlines (its prover
+    # ignores the cancel, so its child stays busy for the cancel grace, 10 s: a prover that
+    # stopped at once would free it for the second if that came a little later), so the
     # second's SNARK step never starts. damocles-manager must read that it was the SNARK step
     # that was never sent (the vanilla step ran): before, it read "request 1 (window_post):
     # ... it was not sent to a prover", as if the WindowPoSt had never reached a prover.
     cfg = write_config(
         tmp_path,
         plugin_block("WdPostVanilla", "echo", concurrent=2)
-        + plugin_block("WdPostSnark", "sleep", seconds=60),
+        + plugin_block("WdPostSnark", "sleep", fail="hang"),
     )
     argv = [*DEXT, "serve", "window_post", "-c", str(cfg), "--deadline-after", "3"]
     async with trio.open_nursery() as nursery:
