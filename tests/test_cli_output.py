@@ -364,7 +364,7 @@ def test_a_plugin_that_prints_never_reaches_the_protocol_or_the_output(tmp_path:
 
 
 def test_ctrl_c_while_the_commands_are_loaded_ends_quietly_with_130():
-    # The parser imports every command's module (tens of ms): a SIGINT then, as an impatient
+    # The parser imports its command's module (tens of ms): a SIGINT then, as an impatient
     # operator sends it, is the same quiet exit 130 as one during the command. SIGINT as a shell
     # leaves it: Python raises no KeyboardInterrupt if it was ignored when it started (as it is
     # for a test runner started in the background, or under nohup).
@@ -372,9 +372,9 @@ def test_ctrl_c_while_the_commands_are_loaded_ends_quietly_with_130():
         "import signal, damocles_ext.cli as cli\n"
         "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "build = cli.build_parser\n"
-        "def interrupted():\n"
+        "def interrupted(argv=None):\n"
         "    signal.raise_signal(signal.SIGINT)\n"
-        "    return build()\n"
+        "    return build(argv)\n"
         "cli.build_parser = interrupted\n"
         "raise SystemExit(cli.main(['plugins']))\n"
     )
