@@ -115,10 +115,12 @@ class DextPluginManager(pluggy.PluginManager):
         return super().unregister(plugin, name)
 
 
-def _origin_of(plugin: object, dist: importlib.metadata.Distribution | None, value: str) -> str:
+def _origin_of(plugin: object, dist: str | None, value: str) -> str:
+    """Where `plugin` came from: its distribution ("name version", if one), its entry point
+    (`value`) and its module's file."""
     parts = []
     if dist is not None:
-        parts.append(f"{dist.metadata['Name']} {dist.version}")
+        parts.append(dist)
     parts.append(f"entry point {value!r}" if value else "registered directly")
     module = plugin if getattr(plugin, "__file__", None) else inspect.getmodule(plugin)
     if module_file := getattr(module, "__file__", None):
@@ -170,18 +172,25 @@ def register_plugin(
 
 def _entry_points(
     pm: DextPluginManager, group: str
-) -> Iterable[tuple[importlib.metadata.EntryPoint, Any]]:
-    # Walk distributions (not entry_points()) to know which distribution each one comes from;
-    # sys.path order decides when two copies of a distribution are visible.
+) -> Iterable[tuple[importlib.metadata.EntryPoint, str, str]]:
+    """Each entry point of `group`, with the name and the version of its distribution. Walks
+    distributions (not entry_points()) to know which distribution each one comes from; sys.path
+    order decides when two copies of a distribution are visible. A distribution's metadata is
+    read once (each read of `dist.metadata`, and of `dist.version`, parses the file again: a
+    dozen parses made a tenth of a prover child's start), and only for one with such an entry
+    point."""
     for dist in importlib.metadata.distributions():
         try:
             entry_points = list(dist.entry_points)
         except Exception as exc:  # noqa: BLE001 - a hand-edited or corrupt entry_points.txt
             _unreadable_entry_points(pm, dist, group, exc)
             continue
+        meta = None
         for ep in entry_points:
             if ep.group == group:
-                yield ep, dist
+                if meta is None:
+                    meta = dist.metadata
+                yield ep, meta["Name"] or "?", meta["Version"]
 
 
 def _unreadable_entry_points(
@@ -209,8 +218,7 @@ def load_entry_points(pm: DextPluginManager, group: str = ENTRY_POINT_GROUP) -> 
     """Load every plugin of the entry-point group; failures are recorded, not raised."""
     count = 0
     owners: dict[str, str] = {}  # entry point name -> the distribution that had it first
-    for ep, dist in _entry_points(pm, group):
-        name = dist.metadata["Name"] or "?"  # (each read of metadata parses the file again)
+    for ep, name, version in _entry_points(pm, group):
         owner = owners.setdefault(ep.name, name)
         if owner != name and not pm.is_blocked(ep.name):
             # Not a shadowed copy: it was dropped unsaid (which one loads follows sys.path).
@@ -231,11 +239,11 @@ def load_entry_points(pm: DextPluginManager, group: str = ENTRY_POINT_GROUP) -> 
             except BaseException as exc:  # noqa: BLE001 - recorded, not fatal
                 error, said = describe(exc), "failed to load:"
             else:
-                if register_plugin(pm, plugin, ep.name, origin=_origin_of(plugin, dist, ep.value),
-                                   version=dist.version):  # fmt: skip
+                origin = _origin_of(plugin, f"{name} {version}", ep.value)
+                if register_plugin(pm, plugin, ep.name, origin=origin, version=version):
                     count += 1
                 continue
-        origin = f"{name} {dist.version}, entry point {ep.value!r}"
+        origin = f"{name} {version}, entry point {ep.value!r}"
         log.warning("plugin %r (%s) %s %s", ep.name, origin, said, error)
         pm.load_errors.append(PluginLoadError(ep.name, origin, error))
     return count
