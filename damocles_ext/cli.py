@@ -2,7 +2,9 @@
 
 Each subcommand lives in `damocles_ext/commands/<name>.py` and exposes
 `add_parser(subparsers) -> argparse.ArgumentParser` and `run(args) -> int`. Command modules keep
-their imports light at module level (heavy imports go inside `run`) so `--help` stays fast.
+their imports light at module level (heavy imports go inside `run`) so `--help` stays fast, and
+only the command given is imported and built (`build_parser`): a prover child, started by every
+supervisor and again after each crash, pays for its own command only.
 """
 
 from __future__ import annotations
