@@ -173,12 +173,10 @@ def register_plugin(
 def _entry_points(
     pm: DextPluginManager, group: str
 ) -> Iterable[tuple[importlib.metadata.EntryPoint, str, str]]:
-    """Each entry point of `group`, with the name and the version of its distribution. Walks
-    distributions (not entry_points()) to know which distribution each one comes from; sys.path
-    order decides when two copies of a distribution are visible. A distribution's metadata is
-    read once (each read of `dist.metadata`, and of `dist.version`, parses the file again: a
-    dozen parses made a tenth of a prover child's start), and only for one with such an entry
-    point."""
+    """Each entry point of `group`, with the name and the version of its distribution (walked,
+    not entry_points(), to know it; sys.path order decides between two copies). Its metadata
+    is read once, and only if it has such an entry point: each read of `dist.metadata` (and of
+    `dist.version`) parses the file again, a dozen parses a tenth of a prover child's start."""
     for dist in importlib.metadata.distributions():
         try:
             entry_points = list(dist.entry_points)
