@@ -274,3 +274,23 @@ async def test_the_log_warning_of_a_store_given_through_a_symlink_names_its_targ
     url = f"sqlite:///{tmp_path}/jobs.db"
     (warning,) = await _log_warnings(url, target, caplog, reader=True)
     assert f"({target}-wal) is" in warning and f"fuser -v {target} {target}-wal" in warning
+
+
+def test_a_sqlite_store_imports_neither_psycopg_nor_sqlalchemys_postgresql_dialects(tmp_path):
+    # SQLAlchemy's postgresql package imports every driver's dialect (about 27 ms of CPU) and
+    # psycopg about 65 ms: a coordinator, a worker or `serve --jobs` on SQLite pays for neither.
+    code = (
+        "import sys\n"
+        "from damocles_ext.jobs.store import JobStore\n"
+        "from test_jobs_rules import make_input\n"
+        "with JobStore.open(sys.argv[1]) as store:\n"
+        "    made, _ = store.create(make_input(), 1.0)\n"
+        "    assert store.get(made.Id) == made\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('psycopg', 'sqlalchemy.dialects.p'))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, f"sqlite:///{tmp_path / 'jobs.db'}"],
+        capture_output=True, text=True, check=False, cwd=Path(__file__).parent,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n", done.stdout

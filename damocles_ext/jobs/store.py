@@ -27,6 +27,7 @@ trio wrapper reads the clock, tests pass the time they want.
 
 from __future__ import annotations
 
+import importlib
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -36,8 +37,6 @@ from typing import Any, Self
 
 import sqlalchemy as sa
 from sqlalchemy import exc
-from sqlalchemy.dialects import postgresql as pg_dialect
-from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import Connection
 
 from . import migration, retry, rules
@@ -117,8 +116,9 @@ class JobStore:
         self.limits = limits if limits is not None else rules.JobLimits()
         self.engine = make_engine(url, busy_timeout=busy_timeout, connect_timeout=connect_timeout,
                                   pool_size=pool_size, read_only=read_only)  # fmt: skip
-        self.is_postgresql = self.engine.dialect.name == "postgresql"
-        self._insert = pg_dialect.insert if self.is_postgresql else sqlite_dialect.insert
+        dialect = self.engine.dialect.name  # (postgresql's package imports all its drivers)
+        self.is_postgresql = dialect == "postgresql"
+        self._insert: Any = importlib.import_module(f"sqlalchemy.dialects.{dialect}").insert
         self._new_lease = lease_factory or (lambda: secrets.token_hex(12))
         self._damaged: set[str] = set()  # ids of damaged rows warned of (rows.readable_jobs)
         #: The schema version the store is read at: SCHEMA_VERSION, unless opened read-only.
