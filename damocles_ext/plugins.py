@@ -172,7 +172,7 @@ def register_plugin(
 
 def _entry_points(
     pm: DextPluginManager, group: str
-) -> Iterable[tuple[importlib.metadata.EntryPoint, str, str]]:
+) -> Iterable[tuple[importlib.metadata.EntryPoint, str, str | None]]:
     """Each entry point of `group`, with the name and the version of its distribution (walked,
     not entry_points(), to know it; sys.path order decides between two copies). Its metadata
     is read once, and only if it has such an entry point: each read of `dist.metadata` (and of
