@@ -262,7 +262,7 @@ def _commands_with(option: str) -> list[str]:
     found: list[str] = []
     root = _Parser._root
     if isinstance(root, _Parser) and root.partial:  # built for one command: all are looked at
-        root = build_parser()
+        root = _Parser._root = build_parser()  # (once: each option of the hints asks)
     todo = [root] if root is not None else []
     while todo:
         parser = todo.pop(0)
