@@ -4,6 +4,7 @@ bench/results/ are written only when asked (`--save`)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -25,7 +26,7 @@ def _results_snapshot() -> dict[str, tuple[int, bytes]]:
 def test_every_benchmark_is_found():
     assert {"bench_codec", "bench_native", "bench_simulate", "bench_metrics", "bench_supervisor",
             "bench_jobs", "bench_job_latency", "bench_job_chain", "bench_frontends", "bench_child",
-            "chaos", "chaos_child", "bench_sectors"} <= set(MODULES)  # fmt: skip
+            "chaos", "chaos_child", "bench_sectors", "bench_placement"} <= set(MODULES)  # fmt: skip
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -635,3 +636,59 @@ def test_the_child_benchmark_refuses_a_directory_that_is_not_a_checkout(tmp_path
     err = done.stderr.decode()
     assert f"--compare-with {tmp_path}: damocles_ext is imported from" in err
     assert "give a checkout of damocles-ext" in err and "Traceback" not in err
+
+
+def test_the_placement_benchmark_measures_every_way_in_each_placement_and_judges_each():
+    before = _results_snapshot()
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.bench_placement", "--requests", "20", "--repeat", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=120,
+        check=False,
+    )
+    out = done.stdout.decode()
+    assert done.returncode == 0, out + done.stderr.decode()
+    header = next(line for line in out.splitlines() if line.startswith("| round trip p50 us"))
+    places = (
+        ["one CPU", "two CPUs", "unpinned"] if len(os.sched_getaffinity(0)) > 1 else ["one CPU"]
+    )
+    assert [c.strip() for c in header.strip("|").split("|")[1:]] == places
+    for label in ("(floor)", "trio's least", "our child runtime", "Python API (1 child)"):
+        row = next(line for line in out.splitlines() if line.startswith("|") and label in line)
+        # One p50 spread per placement, each "min / median / max" of positive figures.
+        cells = [c.strip() for c in row.strip("|").split("|")[1:]]
+        assert len(cells) == len(places), row
+        assert all(float(x) > 0 for c in cells for x in c.split(" / ")), row
+    for place in ("one_cpu", "two_cpus", "unpinned")[: len(places)]:
+        assert re.search(rf"^goal (met|NOT met) +{place}_api_within_3x_floor: ", out, re.MULTILINE)
+    assert "not saved (add --save to write bench/results/placement.json)" in out
+    assert _results_snapshot() == before
+
+
+def test_placements_pin_every_thread_of_a_process(tmp_path: Path):
+    from bench.bench_placement import pin, placements, threads_of
+
+    assert placements({3}) == {"one_cpu": ({3}, {3})}
+    assert placements({2, 0, 5}) == {
+        "one_cpu": ({0}, {0}),
+        "two_cpus": ({0}, {2}),
+        "unpinned": ({0, 2, 5}, {0, 2, 5}),
+    }
+    # A process with a second thread: both are moved, not only the one whose id is the pid's.
+    code = "import threading, sys; threading.Thread(target=sys.stdin.read).start(); print(flush=True); sys.stdin.read()"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        proc.stdout.readline()  # its second thread has started
+        tids = threads_of(proc.pid)
+        assert len(tids) == 2 and proc.pid in tids
+        target = {min(os.sched_getaffinity(0))}
+        pin(proc.pid, target)
+        assert [os.sched_getaffinity(t) for t in tids] == [target, target]
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+        proc.stdout.close()
