@@ -661,8 +661,13 @@ def test_the_placement_benchmark_measures_every_way_in_each_placement_and_judges
         cells = [c.strip() for c in row.strip("|").split("|")[1:]]
         assert len(cells) == len(places), row
         assert all(float(x) > 0 for c in cells for x in c.split(" / ")), row
+    # The same rows of this process's and the child's CPU per request, in each placement.
+    for title in ("this process's CPU per request us", "the child's CPU per request us"):
+        header = next(line for line in out.splitlines() if line.startswith(f"| {title}"))
+        assert [c.strip() for c in header.strip("|").split("|")[1:]] == places
     for place in ("one_cpu", "two_cpus", "unpinned")[: len(places)]:
-        assert re.search(rf"^goal (met|NOT met) +{place}_api_within_3x_floor: ", out, re.MULTILINE)
+        for goal in ("api_within_3x_floor", "child_cpu_within_2x_floor_child"):
+            assert re.search(rf"^goal (met|NOT met) +{place}_{goal}: ", out, re.MULTILINE)
     assert "not saved (add --save to write bench/results/placement.json)" in out
     assert _results_snapshot() == before
 
