@@ -524,3 +524,27 @@ async def test_a_batch_does_not_poll_while_another_task_is_ready_to_run(mock_clo
         await wait_until_real(lambda: answers == [5], what="the answer, read by the reader")
         await started(sup, 6, answers)  # nothing else ready: polled (its reader timed the last one)
         assert answers == [5, 6]
+
+
+async def test_tasks_runnable_counts_trios_run_queue_without_walking_its_descriptors(
+    monkeypatch,
+):
+    async def nothing() -> None:
+        pass
+
+    assert pipe_turns.tasks_runnable() == 0 == trio.lowlevel.current_statistics().tasks_runnable
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(nothing)
+        assert pipe_turns.tasks_runnable() == 5
+        assert trio.lowlevel.current_statistics().tasks_runnable == 5
+        # This trio keeps its run queue where it is read: the public call, which walks every
+        # descriptor's waiters, is not made.
+        monkeypatch.setattr(trio.lowlevel, "current_statistics", None)
+        assert pipe_turns.tasks_runnable() == 5
+    monkeypatch.undo()
+    # A trio without it: the public call.
+    monkeypatch.setattr(pipe_turns, "_RUN_CONTEXT", None)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(nothing)
+        assert pipe_turns.tasks_runnable() == 1
