@@ -250,10 +250,17 @@ def logged(caplog: pytest.LogCaptureFixture, words: str) -> list[str]:
 
 
 async def two_sectors_proved_on_python_ref(
-    store_url, make_rig, tmp_path, *, second_comm_r_wrong: bool = False
+    store_url,
+    make_rig,
+    tmp_path,
+    *,
+    second_comm_r_wrong: bool = False,
+    before=None,
+    until=None,
 ) -> tuple:
-    """A job of two real sectors in store-a (its second comm_r wrong, if asked), pulled and
-    proved by a worker with a python-ref child: (the job as stored once delivered, its sector
+    """A job of two real sectors in store-a (its second comm_r wrong, if asked; `before(base,
+    ids)` called on the store once made), pulled and proved by a worker with a python-ref child
+    until it delivered (and `until()` holds): (the job as stored once delivered, its sector
     ids, the store's root)."""
     base = tmp_path / "mnt" / "store-a"
     manifest = sectors(base, PROOF_TYPE, 2, random_seed=3)
@@ -261,11 +268,15 @@ async def two_sectors_proved_on_python_ref(
     comm_rs = [bytes.fromhex(r.comm_r) for r in manifest.replicas]
     if second_comm_r_wrong:
         comm_rs[1] = bytes(32)
+    if before is not None:
+        before(base, ids)
     rig = make_rig(store_url, {"store-a": str(base)})
     job, _ = await rig.jobs.create(job_input(sector_ids=ids, comm_rs=comm_rs))
     kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
     worker = Worker(rig.settings(kids, attached={"store-a": str(base)}))
-    await run_until(rig, worker, lambda: worker.counters.delivered == 1)
+    await run_until(
+        rig, worker, lambda: worker.counters.delivered == 1 and (until is None or until())
+    )
     return await rig.jobs.get(job.Id), ids, base
 
 
@@ -293,15 +304,50 @@ async def test_a_sector_that_does_not_match_its_comm_r_is_not_blamed_on_its_file
     # the operator to check mounts for a sector whose files read fine: the prover says why.
     caplog.set_level(logging.INFO, "damocles_ext")
     done, ids, _ = await two_sectors_proved_on_python_ref(
-        store_url, make_rig, tmp_path, second_comm_r_wrong=True
+        store_url,
+        make_rig,
+        tmp_path,
+        second_comm_r_wrong=True,
+        until=lambda: logged(caplog, SEEN),
     )
     assert done.Output is not None and done.Output.faults == (ids[1],)
     [line] = logged(caplog, f"job {done.Id}: 1 of its 2 sectors are faulty")
     assert line.startswith(f"job {done.Id}: 1 of its 2 sectors are faulty: {ids[1]}; the prover")
     assert "cannot be read here" not in line
+    # Its files were looked at once the result was delivered: they are there.
+    seen = (
+        f"job {done.Id}: {SEEN}: sector {ids[1]}: its files are here and readable, so the data"
+        " did not check out against the comm_r, or the prover could not use it: the prover's"
+        " log lines say which, where it writes any"
+    )
+    assert logged(caplog, SEEN) == [seen]
     assert logged(caplog, f"sector {ids[1]} is faulty: comm_r of sector {ids[1]} does not match")
     # Said once, on the job's line: not again by the supervisor's note of the request.
     assert not logged(caplog, "1 faulty sector, no proof")
+
+
+SEEN = "the files of its faulty sectors, as this worker sees them"
+
+
+async def test_a_faulty_sectors_missing_file_is_named_once_the_result_is_delivered(
+    store_url, make_rig, tmp_path, caplog
+):
+    # The answer names faulty sectors, not why; a C or Bin prover may log nothing: the worker
+    # looks at their files itself, after delivering (a stalled mount must not hold the result).
+    caplog.set_level(logging.INFO, "damocles_ext")
+    gone: list = []
+
+    def lose_a_sealed_file(base, ids) -> None:
+        gone.append(base / "sealed" / f"s-t01000-{ids[0]}")
+        gone[0].unlink()
+
+    done, ids, _ = await two_sectors_proved_on_python_ref(
+        store_url, make_rig, tmp_path, before=lose_a_sealed_file, until=lambda: logged(caplog, SEEN)
+    )
+    assert done.Output is not None and done.Output.faults == (ids[0],)
+    assert logged(caplog, SEEN) == [
+        f"job {done.Id}: {SEEN}: sector {ids[0]}: {gone[0]} does not exist"
+    ]
 
 
 async def test_the_pulled_line_shows_the_partitions_as_wdpost_list_does(rig, tmp_path, caplog):

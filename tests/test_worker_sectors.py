@@ -5,6 +5,7 @@ source node look-alike answers, stops, or hangs."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import pytest
@@ -173,3 +174,38 @@ async def test_without_proxy_a_store_not_attached_still_fails_the_job_naming_it(
         await worker.wait_for(lambda: worker.counters.delivered == 1)
     done = await rig.jobs.get(job.Id)
     assert "'store-old'" in done.ErrorReason and worker_part(worker).sectors is None
+
+
+async def test_the_look_at_faulty_sectors_names_a_few_causes_counts_the_rest_and_stops_at_its_cap(
+    tmp_path, monkeypatch
+):
+    from damocles_ext.frontends import worker_sectors
+
+    monkeypatch.setattr(worker_sectors, "FAULTS_LOOKED_AT", 9)
+    ids = tuple(range(1, 12))
+    job = PulledJob("J", job_input(sector_ids=ids))
+    paths = []
+    for n in ids:  # 1-7: no sealed file; 8: a FIFO for a sealed file; 9-11: whole
+        sealed, cache = tmp_path / "sealed" / f"s-{n}", tmp_path / "cache" / f"s-{n}"
+        cache.mkdir(parents=True)
+        sealed.parent.mkdir(exist_ok=True)
+        if n == 8:
+            os.mkfifo(sealed)
+        elif n > 8:
+            sealed.write_bytes(b"replica")
+        paths.append((str(sealed), str(cache)))
+    line = await worker_sectors.faults_seen(job, paths, list(ids), {})
+    gone = [f"sector {n}: {tmp_path}/sealed/s-{n} does not exist" for n in range(1, 6)]
+    assert line == (
+        f"job J: the files of its faulty sectors, as this worker sees them: {'; '.join(gone)};"
+        " and 3 more; sector 9: its files are here and readable, so the data did not check out"
+        " against the comm_r, or the prover could not use it: the prover's log lines say which,"
+        " where it writes any; 2 more not looked at"
+    )
+    assert "is a FIFO, not a regular file" not in line  # (one of the 3 counted, not named)
+    line = await worker_sectors.faults_seen(job, paths, [8, 10, 11], {})
+    assert line.startswith(
+        f"job J: the files of its faulty sectors, as this worker sees them: sector 8:"
+        f" {tmp_path}/sealed/s-8 is a FIFO, not a regular file; sectors 10, 11: their files are"
+        " here and readable, so the data"
+    )

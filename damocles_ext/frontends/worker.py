@@ -66,6 +66,7 @@ from ..stages import child_stages
 from .worker_beats import heartbeat_forever
 from .worker_jobs import deliver, proof_of
 from .worker_ping import manager_offset, ping_forever
+from .worker_sectors import faults_seen
 from .worker_state import (
     ADOPTED,
     PROVER_FAILURES,
@@ -481,6 +482,7 @@ class Worker:
     # -- one job ------------------------------------------------------------------------------
 
     async def _prove(self, held: HeldJob) -> None:
+        output = None  # (none if the manager's stop cancelled the proof)
         # One scope for the proof and the delivery: the manager's stop cancels either.
         with held.scope:
             output, error = await proof_of(self, held, self._look_limiters)
@@ -508,6 +510,14 @@ class Worker:
             else:
                 await deliver(self, self._calls, held, output, error)
         self._release(held)
+        if output is not None and output.faults and held.paths and not self.stopping:
+            try:  # why, as far as the files say (not while stopping: a stalled mount's 30 s)
+                seen = await faults_seen(held.job, held.paths, output.faults, self._look_limiters)
+            except Exception:  # a bug of ours in a log line: not the worker's end
+                log.exception("job %s: looking at its faulty sectors' files failed", held.job.Id)
+            else:
+                held.log.warning("%s", seen)
+            self.touch()
 
     async def _fail(self, held: HeldJob, error: str) -> None:
         held.error = error

@@ -127,6 +127,7 @@ async def proof_of(
         held.log.error("%s", problem)
         if job.TryNum == 1:  # a later try may land on a worker that has the store
             return None, problem
+    held.paths = paths  # (its faulty sectors' files are looked at once delivered)
     try:
         answer = await worker.supervisor.submit(task, deadline=deadline, on_dispatch=dispatched)
     except (ProverError, UsageError) as exc:

@@ -12,18 +12,19 @@ proving window. Without `--proxy`, a store not attached fails the job, as before
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
 from ..errors import describe, passes_through, text_of
 from ..jobs.worker_rules import MissingStore, PulledJob, default_sector_paths
-from ..sectors.files import in_thread
+from ..sectors.files import in_thread, path_problem
 from ..threads import NoThreadError
-from ..wording import some_and_more
+from ..wording import sector_list, some_and_more
 
 if TYPE_CHECKING:
     import pluggy
@@ -130,30 +131,145 @@ async def store_problem(
     holds or waits for it (a look timed out keeps it: its thread holds it until it returns): a
     plugin's layout with a directory per sector must not leave one per sector for ever."""
     for directory in _directories(paths):
-        limiter = limiters.get(directory)
-        if limiter is None:
-            limiter = limiters[directory] = trio.CapacityLimiter(1)
-        try:
-            there = await in_thread(
-                os.path.isdir, directory, limiter=limiter, timeout=STORE_LOOK_TIMEOUT
-            )
-        except TimeoutError:
-            return (
-                f"job {job.Id}: {directory} did not answer within {STORE_LOOK_TIMEOUT:g} s (a"
-                f" stalled mount?); {_WHAT_NOW}"
-            )
-        except NoThreadError as exc:  # at the limit of tasks: the job's, not the worker's end
-            return f"job {job.Id}: cannot look at {directory}: {exc}; {_WHAT_NOW}"
-        finally:
-            idle = not (limiter.borrowed_tokens or limiter.statistics().tasks_waiting)
-            if idle and limiters.get(directory) is limiter:
-                del limiters[directory]
+        with _limiter_of(limiters, directory) as limiter:
+            try:
+                there = await in_thread(
+                    os.path.isdir, directory, limiter=limiter, timeout=STORE_LOOK_TIMEOUT
+                )
+            except TimeoutError:
+                return (
+                    f"job {job.Id}: {directory} did not answer within {STORE_LOOK_TIMEOUT:g} s (a"
+                    f" stalled mount?); {_WHAT_NOW}"
+                )
+            except NoThreadError as exc:  # at the limit of tasks: the job's, not the worker's end
+                return f"job {job.Id}: cannot look at {directory}: {exc}; {_WHAT_NOW}"
         if not there:
             return (
                 f"job {job.Id}: {directory} is not a directory here: is the store mounted, and"
                 f" attached at the right path (--attached)? {_WHAT_NOW}"
             )
     return None
+
+
+@contextlib.contextmanager
+def _limiter_of(
+    limiters: dict[str, trio.CapacityLimiter], directory: str
+) -> Iterator[trio.CapacityLimiter]:
+    """The limiter of the looks at `directory` (one thread at a time), made if it has none; it
+    goes once nothing holds or waits for it (a look timed out keeps it: its thread holds it
+    until it returns)."""
+    limiter = limiters.get(directory)
+    if limiter is None:
+        limiter = limiters[directory] = trio.CapacityLimiter(1)
+    try:
+        yield limiter
+    finally:
+        idle = not (limiter.borrowed_tokens or limiter.statistics().tasks_waiting)
+        if idle and limiters.get(directory) is limiter:
+            del limiters[directory]
+
+
+#: The faulty sectors of a proof whose files the worker looks at, at most (a partition's
+#: 2,349 in a store gone: the first ones say it).
+FAULTS_LOOKED_AT = 200
+#: What a faulty sector whose files are there and readable comes from.
+_FILES_FINE = (
+    "the data did not check out against the comm_r, or the prover could not use it: the"
+    " prover's log lines say which, where it writes any"
+)
+
+
+async def faults_seen(
+    job: PulledJob,
+    paths: list[tuple[str, str]],
+    faults: Sequence[int],
+    limiters: dict[str, trio.CapacityLimiter],
+) -> str:
+    """The log line for what this machine sees of the files of `faults`, the sectors a proof of
+    `job` answered faulty (`paths`: its sectors' (sealed_file, cache_dir), in its order): of
+    each of the first FAULTS_LOOKED_AT, what is wrong (missing, another type of file, a symlink
+    to nothing, not readable by this worker's user), or that nothing is. A prover's answer
+    names the faulty sectors, not why; a C or `Bin` prover may log nothing. One thread per
+    sealed files' directory (`limiters`, as store_problem's), each within STORE_LOOK_TIMEOUT."""
+    where = dict(zip((s.SectorId for s in job.Input.Sectors or ()), paths, strict=False))
+    looked = [n for n in faults if n in where][:FAULTS_LOOKED_AT]
+    groups = _by_directory(looked, where)
+    why: dict[int, str] = {}
+
+    async def look(directory: str, numbers: list[int]) -> None:
+        with _limiter_of(limiters, directory) as limiter:
+            try:
+                found = await in_thread(
+                    _file_problems,
+                    [where[n] for n in numbers],
+                    limiter=limiter,
+                    timeout=STORE_LOOK_TIMEOUT,
+                )
+            except (TimeoutError, NoThreadError) as exc:
+                found = [f"{directory}: {exc}"] * len(numbers)
+        why.update(zip(numbers, found, strict=True))
+
+    async with trio.open_nursery() as nursery:
+        for directory, numbers in groups.items():
+            nursery.start_soon(look, directory, numbers)
+    return faults_seen_text(
+        job.Id, [(n, why[n]) for n in looked], len(faults) - len(looked), _FILES_FINE
+    )
+
+
+def _by_directory(numbers: list[int], where: dict[int, tuple[str, str]]) -> dict[str, list[int]]:
+    """`numbers` by the directory of their sealed files (no I/O)."""
+    groups: dict[str, list[int]] = {}
+    for n in numbers:
+        groups.setdefault(os.path.dirname(os.path.normpath(where[n][0])), []).append(n)
+    return groups
+
+
+def _file_problems(pairs: list[tuple[str, str]]) -> list[str]:
+    """For each (sealed_file, cache_dir): what is wrong with them here, '' for nothing
+    (blocking)."""
+    return [_file_problem(sealed, cache) for sealed, cache in pairs]
+
+
+def _file_problem(sealed: str, cache: str) -> str:
+    problem = path_problem(sealed, False) or path_problem(cache, True)
+    if problem:
+        return problem
+    user = f"this worker's user (uid {os.geteuid()})"
+    if not os.access(sealed, os.R_OK):
+        return f"{sealed} is not readable by {user}"
+    if not os.access(cache, os.R_OK | os.X_OK):
+        return f"{cache} cannot be read by {user}"
+    return ""
+
+
+#: Faulty sectors whose causes one line names one by one; the rest are counted.
+FAULT_CAUSES_NAMED = 5
+
+
+def faults_seen_text(
+    job_id: str, seen: Sequence[tuple[int, str]], not_looked_at: int, ok_why: str
+) -> str:
+    """The log line for what the worker saw of a job's faulty sectors' files: `seen`, (sector
+    number, what is wrong with its files, '' for nothing) each; `not_looked_at`, the faulty
+    sectors beyond those; `ok_why`, what a fault whose files are fine comes from."""
+    bad = [(n, why) for n, why in seen if why]
+    fine = [n for n, why in seen if not why]
+    parts = []
+    if bad:
+        named = [f"sector {n}: {why}" for n, why in bad[:FAULT_CAUSES_NAMED]]
+        parts.append(some_and_more(named, len(bad), "; "))
+    if fine:
+        whose = "its files are" if len(fine) == 1 else "their files are"
+        parts.append(
+            f"{'sector' if len(fine) == 1 else 'sectors'} {sector_list(fine)}: {whose} here and"
+            f" readable, so {ok_why}"
+        )
+    if not_looked_at:
+        parts.append(f"{not_looked_at} more not looked at")
+    return f"job {job_id}: the files of its faulty sectors, as this worker sees them: " + "; ".join(
+        parts
+    )
 
 
 def _directories(paths: list[tuple[str, str]]) -> list[str]:

@@ -634,13 +634,15 @@ def no_child_can_prove(children: Sequence[tuple[str, str, str, str | None]]) -> 
 
 def faults_text(job: PulledJob, faults: Sequence[int]) -> str:
     """The log line for a proof that found some of the job's sectors faulty. Why each one is,
-    the answer does not say (sector numbers only): the prover's log lines do, the built-in
-    provers' one a sector; this line names no cause, which may be a file or its data."""
+    the answer does not say (sector numbers only): the prover's log lines do, where it writes
+    any (the built-in provers one a sector; a C or `Bin` prover may write none), and the
+    worker's look at their files once the result is delivered (`faults_seen_text`)."""
     shown = sector_list(faults)
     return (
         f"job {job.Id}: {len(faults)} of its {len(job.Input.Sectors or ())} sectors are faulty:"
-        f" {shown}; the prover's log lines say why (a file missing or unreadable here, or data"
-        " that does not check out against the sector's comm_r)"
+        f" {shown}; the prover's log lines say why, where it writes any (a file missing or"
+        " unreadable here, or data that does not check out against the sector's comm_r); what"
+        " this worker sees of their files is said once the result is delivered"
     )
 
 
