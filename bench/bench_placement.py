@@ -34,6 +34,7 @@ is measured.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
@@ -75,7 +76,8 @@ def threads_of(pid: int) -> list[int]:
 def pin(pid: int, cpus: set[int]) -> None:
     """Every thread of process `pid` to `cpus` (sched_setaffinity sets one thread's)."""
     for tid in threads_of(pid):
-        os.sched_setaffinity(tid, cpus)
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, cpus)
 
 
 def placements(allowed: set[int]) -> dict[str, tuple[set[int], set[int]]]:
@@ -160,9 +162,9 @@ async def measure(requests: int, repeat: int) -> dict[str, dict[str, dict[str, l
                         runs["parent_cpu"][place][name].append(sample.parent_cpu / n)
                         runs["child_cpu"][place][name].append(sample.child_cpu / n)
                 print(f"  repeat {r + 1}/{repeat}", file=sys.stderr)
-            pin(os.getpid(), allowed)
             sup.request_shutdown()
     finally:
+        pin(os.getpid(), allowed)
         floor.close()
         least.close()
         own.close()

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -348,6 +349,48 @@ async def test_a_faulty_sectors_missing_file_is_named_once_the_result_is_deliver
     assert logged(caplog, SEEN) == [
         f"job {done.Id}: {SEEN}: sector {ids[0]}: {gone[0]} does not exist"
     ]
+    # Looked at once delivered, not before: the result waits for no look.
+    lines = [r.getMessage() for r in caplog.records]
+    delivered = next(i for i, m in enumerate(lines) if m.startswith(f"job {done.Id}: delivered"))
+    assert delivered < next(i for i, m in enumerate(lines) if SEEN in m)
+
+
+async def test_a_look_at_faulty_sectors_files_stalled_does_not_hold_the_workers_stop(
+    store_url, make_rig, tmp_path, caplog, monkeypatch
+):
+    from damocles_ext.frontends import worker_sectors
+
+    caplog.set_level(logging.INFO, "damocles_ext")
+    looking, stalled = threading.Event(), threading.Event()
+
+    def a_stalled_mount(pairs):  # (in the look's worker thread)
+        looking.set()
+        stalled.wait(60)
+        return [""] * len(pairs)
+
+    monkeypatch.setattr(worker_sectors, "_file_problems", a_stalled_mount)
+    base = tmp_path / "mnt" / "store-a"
+    manifest = sectors(base, PROOF_TYPE, 2, random_seed=3)
+    ids = tuple(r.sector_id for r in manifest.replicas)
+    (base / "sealed" / f"s-t01000-{ids[0]}").unlink()
+    comm_rs = [bytes.fromhex(r.comm_r) for r in manifest.replicas]
+    rig = make_rig(store_url, {"store-a": str(base)})
+    await rig.jobs.create(job_input(sector_ids=ids, comm_rs=comm_rs))
+    kids = children(tmp_path, plugin_block("WdPost", "python-ref"))
+    worker = Worker(rig.settings(kids, attached={"store-a": str(base)}))
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rig.server.serve)
+                running = await start_worker(nursery, worker)
+                await trio.to_thread.run_sync(looking.wait, 30)
+                assert worker.counters.delivered == 1
+                with trio.fail_after(10):  # (the look alone would hold it for 60 s)
+                    await running.stop()
+                nursery.cancel_scope.cancel()
+    finally:
+        stalled.set()
+    assert not logged(caplog, SEEN)
 
 
 async def test_the_pulled_line_shows_the_partitions_as_wdpost_list_does(rig, tmp_path, caplog):

@@ -183,7 +183,6 @@ async def test_the_look_at_faulty_sectors_names_a_few_causes_counts_the_rest_and
 
     monkeypatch.setattr(worker_sectors, "FAULTS_LOOKED_AT", 9)
     ids = tuple(range(1, 12))
-    job = PulledJob("J", job_input(sector_ids=ids))
     paths = []
     for n in ids:  # 1-7: no sealed file; 8: a FIFO for a sealed file; 9-11: whole
         sealed, cache = tmp_path / "sealed" / f"s-{n}", tmp_path / "cache" / f"s-{n}"
@@ -194,7 +193,8 @@ async def test_the_look_at_faulty_sectors_names_a_few_causes_counts_the_rest_and
         elif n > 8:
             sealed.write_bytes(b"replica")
         paths.append((str(sealed), str(cache)))
-    line = await worker_sectors.faults_seen(job, paths, list(ids), {})
+    where = dict(zip(ids, paths, strict=True))
+    line = await worker_sectors.faults_seen("J", where, list(ids), {})
     gone = [f"sector {n}: {tmp_path}/sealed/s-{n} does not exist" for n in range(1, 6)]
     assert line == (
         f"job J: the files of its faulty sectors, as this worker sees them: {'; '.join(gone)};"
@@ -203,7 +203,7 @@ async def test_the_look_at_faulty_sectors_names_a_few_causes_counts_the_rest_and
         " where it writes any; 2 more not looked at"
     )
     assert "is a FIFO, not a regular file" not in line  # (one of the 3 counted, not named)
-    line = await worker_sectors.faults_seen(job, paths, [8, 10, 11], {})
+    line = await worker_sectors.faults_seen("J", where, [8, 10, 11], {})
     assert line.startswith(
         f"job J: the files of its faulty sectors, as this worker sees them: sector 8:"
         f" {tmp_path}/sealed/s-8 is a FIFO, not a regular file; sectors 10, 11: their files are"

@@ -64,9 +64,8 @@ from ..jobs.worker_rules import (
 )
 from ..stages import child_stages
 from .worker_beats import heartbeat_forever
-from .worker_jobs import deliver, proof_of
+from .worker_jobs import deliver, proof_of, say_faults_seen
 from .worker_ping import manager_offset, ping_forever
-from .worker_sectors import faults_seen
 from .worker_state import (
     ADOPTED,
     PROVER_FAILURES,
@@ -127,6 +126,12 @@ class Worker:
         self._outage, self._beats_failing = Outage(), heartbeats_outage()
         self._refusals = allocations_outage()  # allocations refused: the manager's store down
         self._look_limiters: dict[str, trio.CapacityLimiter] = {}  # one per store directory
+        #: The looks at faulty sectors' files (worker_jobs.say_faults_seen): their own limiters,
+        #: so a slow one never holds a proof's store check; cancelled by `stop`.
+        self._fault_looks: tuple[dict[str, trio.CapacityLimiter], set[trio.CancelScope]] = (
+            {},
+            set(),
+        )
         self._idle_until = -math.inf
         self._breaker = Breaker()  # prover failures in a row: a pause
         self._unproved = UnprovedRounds(Backoff(settings.retry_base, settings.idle_poll))
@@ -151,6 +156,8 @@ class Worker:
         Before the run started (naming itself, asking the manager about its stores): at once."""
         self.stopping = True
         self._stop.set()
+        for look in self._fault_looks[1]:
+            look.cancel()
         self._start_scope.cancel()  # (nothing once the start is over)
         self.touch()
 
@@ -510,13 +517,8 @@ class Worker:
             else:
                 await deliver(self, self._calls, held, output, error)
         self._release(held)
-        if output is not None and output.faults and held.paths and not self.stopping:
-            try:  # why, as far as the files say (not while stopping: a stalled mount's 30 s)
-                seen = await faults_seen(held.job, held.paths, output.faults, self._look_limiters)
-            except Exception:  # a bug of ours in a log line: not the worker's end
-                log.exception("job %s: looking at its faulty sectors' files failed", held.job.Id)
-            else:
-                held.log.warning("%s", seen)
+        if output is not None and output.faults and held.delivered and not self.stopping:
+            await say_faults_seen(held, output.faults, *self._fault_looks)
             self.touch()
 
     async def _fail(self, held: HeldJob, error: str) -> None:

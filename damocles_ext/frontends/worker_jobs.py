@@ -29,7 +29,7 @@ from ..jobs.worker_rules import (
     window_post_task,
 )
 from ..status import utf8_text
-from .worker_sectors import job_sector_paths, store_problem
+from .worker_sectors import faults_seen, job_sector_paths, store_problem
 
 if TYPE_CHECKING:
     import pluggy
@@ -127,7 +127,8 @@ async def proof_of(
         held.log.error("%s", problem)
         if job.TryNum == 1:  # a later try may land on a worker that has the store
             return None, problem
-    held.paths = paths  # (its faulty sectors' files are looked at once delivered)
+    # (its faulty sectors' files are looked at once delivered: say_faults_seen)
+    held.sector_paths = dict(zip((s.SectorId for s in job.Input.Sectors or ()), paths, strict=True))
     try:
         answer = await worker.supervisor.submit(task, deadline=deadline, on_dispatch=dispatched)
     except (ProverError, UsageError) as exc:
@@ -178,6 +179,7 @@ async def deliver(
         else:
             worker.answered()
             worker.counters.delivered += 1
+            held.delivered = True
             worker.counters.failed += bool(error)
             held.log.info("job %s: delivered %s (attempt %d)", job.Id, what, attempts)
             break
@@ -211,3 +213,26 @@ async def deliver(
                              " trying again in %.1f s", job.Id, what, attempts, reason,
                              delay)  # fmt: skip
         await worker.retry_wait(delay)
+
+
+async def say_faults_seen(
+    held: HeldJob,
+    faults: tuple[int, ...],
+    limiters: dict[str, trio.CapacityLimiter],
+    looks: set[trio.CancelScope],
+) -> None:
+    """Once a result with faulty sectors was delivered: log what this machine sees of their
+    files (worker_sectors.faults_seen). A cancel scope in `looks` for the worker's stop to
+    cancel (a stalled mount must not hold it); a bug of ours there is logged, not raised."""
+    if held.sector_paths is None:
+        return
+    with trio.CancelScope() as look:
+        looks.add(look)
+        try:
+            seen = await faults_seen(held.job.Id, held.sector_paths, faults, limiters)
+        except Exception:  # a bug of ours in a log line: not the worker's end
+            log.exception("job %s: looking at its faulty sectors' files failed", held.job.Id)
+        else:
+            held.log.warning("%s", seen)
+        finally:
+            looks.discard(look)

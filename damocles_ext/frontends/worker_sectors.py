@@ -180,18 +180,17 @@ _FILES_FINE = (
 
 
 async def faults_seen(
-    job: PulledJob,
-    paths: list[tuple[str, str]],
+    job_id: str,
+    where: dict[int, tuple[str, str]],
     faults: Sequence[int],
     limiters: dict[str, trio.CapacityLimiter],
 ) -> str:
     """The log line for what this machine sees of the files of `faults`, the sectors a proof of
-    `job` answered faulty (`paths`: its sectors' (sealed_file, cache_dir), in its order): of
-    each of the first FAULTS_LOOKED_AT, what is wrong (missing, another type of file, a symlink
-    to nothing, not readable by this worker's user), or that nothing is. A prover's answer
-    names the faulty sectors, not why; a C or `Bin` prover may log nothing. One thread per
-    sealed files' directory (`limiters`, as store_problem's), each within STORE_LOOK_TIMEOUT."""
-    where = dict(zip((s.SectorId for s in job.Input.Sectors or ()), paths, strict=False))
+    job `job_id` answered faulty (`where`: (sealed_file, cache_dir) by sector number): of each
+    of the first FAULTS_LOOKED_AT, what is wrong (missing, another type of file, a symlink to
+    nothing, not readable by this worker's user), or that nothing is. A prover's answer names
+    the faulty sectors, not why; a C or `Bin` prover may log nothing. One thread per sealed
+    files' directory (`limiters`: the looks' own), each within STORE_LOOK_TIMEOUT."""
     looked = [n for n in faults if n in where][:FAULTS_LOOKED_AT]
     groups = _by_directory(looked, where)
     why: dict[int, str] = {}
@@ -213,7 +212,7 @@ async def faults_seen(
         for directory, numbers in groups.items():
             nursery.start_soon(look, directory, numbers)
     return faults_seen_text(
-        job.Id, [(n, why[n]) for n in looked], len(faults) - len(looked), _FILES_FINE
+        job_id, [(n, why[n]) for n in looked], len(faults) - len(looked), _FILES_FINE
     )
 
 
@@ -236,9 +235,10 @@ def _file_problem(sealed: str, cache: str) -> str:
     if problem:
         return problem
     user = f"this worker's user (uid {os.geteuid()})"
-    if not os.access(sealed, os.R_OK):
+    effective = os.access in os.supports_effective_ids  # (the uid named: the one that opens)
+    if not os.access(sealed, os.R_OK, effective_ids=effective):
         return f"{sealed} is not readable by {user}"
-    if not os.access(cache, os.R_OK | os.X_OK):
+    if not os.access(cache, os.R_OK | os.X_OK, effective_ids=effective):
         return f"{cache} cannot be read by {user}"
     return ""
 

@@ -90,8 +90,9 @@ class HeldJob:
     delivery_error: str = ""  # why the last finish call did not get the result taken
     round: int = 0  # the allocation round that brought it (worker_rules.UnprovedRounds)
     reached_prover: bool = False  # dispatched to a child: it did not fail before a prover
-    #: Its sectors' (sealed_file, cache_dir), once found and sent to a prover.
-    paths: list[tuple[str, str]] | None = None
+    #: Its sectors' (sealed_file, cache_dir) by number, once found and sent to a prover.
+    sector_paths: dict[int, tuple[str, str]] | None = None
+    delivered: bool = False  # the manager took its result
 
     def fields(self, error: BaseException | None = None) -> dict[str, Any]:
         """The fields of a record about the job (JSON logs): `job_id`, and `request_id` when
