@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import pytest
@@ -194,7 +195,7 @@ async def test_the_look_at_faulty_sectors_names_a_few_causes_counts_the_rest_and
             sealed.write_bytes(b"replica")
         paths.append((str(sealed), str(cache)))
     where = dict(zip(ids, paths, strict=True))
-    line = await worker_sectors.faults_seen("J", where, list(ids), {})
+    line = await worker_sectors.faults_seen("J", where, list(ids), trio.CapacityLimiter(2))
     gone = [f"sector {n}: {tmp_path}/sealed/s-{n} does not exist" for n in range(1, 6)]
     assert line == (
         f"job J: the files of its faulty sectors, as this worker sees them: {'; '.join(gone)};"
@@ -203,9 +204,43 @@ async def test_the_look_at_faulty_sectors_names_a_few_causes_counts_the_rest_and
         " where it writes any; 2 more not looked at"
     )
     assert "is a FIFO, not a regular file" not in line  # (one of the 3 counted, not named)
-    line = await worker_sectors.faults_seen("J", where, [8, 10, 11], {})
+    line = await worker_sectors.faults_seen("J", where, [8, 10, 11], trio.CapacityLimiter(2))
     assert line.startswith(
         f"job J: the files of its faulty sectors, as this worker sees them: sector 8:"
         f" {tmp_path}/sealed/s-8 is a FIFO, not a regular file; sectors 10, 11: their files are"
         " here and readable, so the data"
     )
+
+
+async def test_the_looks_at_faulty_sectors_start_no_thread_past_their_limit_on_a_stalled_mount(
+    tmp_path, monkeypatch
+):
+    from damocles_ext.frontends import worker_sectors
+
+    monkeypatch.setattr(worker_sectors, "STORE_LOOK_TIMEOUT", 0.5)
+    began, stalled = threading.Event(), threading.Event()
+    started = []
+
+    def a_stalled_mount(pairs):  # (in a look's thread)
+        started.append(pairs)
+        began.set()
+        stalled.wait(60)
+        return [""] * len(pairs)
+
+    monkeypatch.setattr(worker_sectors, "_file_problems", a_stalled_mount)
+    where = {
+        n: (f"{tmp_path}/store-{n}/sealed/s-{n}", f"{tmp_path}/store-{n}/cache/s-{n}")
+        for n in (1, 2, 3)
+    }
+    threads = trio.CapacityLimiter(1)
+    try:
+        line = await worker_sectors.faults_seen("J", where, [1, 2, 3], threads)
+        # One directory's thread took the one token and stalls; the others waited for it in
+        # vain: each of the three says the storage did not answer; one thread was started.
+        assert began.wait(30) and len(started) == 1
+        for n in (1, 2, 3):
+            assert f"sector {n}: {tmp_path}/store-{n}/sealed: the storage did not answer" in line
+        again = await worker_sectors.faults_seen("J", where, [2], threads)  # the token still held
+        assert len(started) == 1 and "did not answer" in again
+    finally:
+        stalled.set()

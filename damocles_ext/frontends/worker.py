@@ -66,6 +66,7 @@ from ..stages import child_stages
 from .worker_beats import heartbeat_forever
 from .worker_jobs import deliver, proof_of, say_faults_seen
 from .worker_ping import manager_offset, ping_forever
+from .worker_sectors import FAULT_LOOK_THREADS
 from .worker_state import (
     ADOPTED,
     PROVER_FAILURES,
@@ -126,12 +127,9 @@ class Worker:
         self._outage, self._beats_failing = Outage(), heartbeats_outage()
         self._refusals = allocations_outage()  # allocations refused: the manager's store down
         self._look_limiters: dict[str, trio.CapacityLimiter] = {}  # one per store directory
-        #: The looks at faulty sectors' files (worker_jobs.say_faults_seen): their own limiters,
+        #: The looks at faulty sectors' files (worker_jobs.say_faults_seen): their own threads,
         #: so a slow one never holds a proof's store check; cancelled by `stop`.
-        self._fault_looks: tuple[dict[str, trio.CapacityLimiter], set[trio.CancelScope]] = (
-            {},
-            set(),
-        )
+        self._fault_looks = (trio.CapacityLimiter(FAULT_LOOK_THREADS), set[trio.CancelScope]())
         self._idle_until = -math.inf
         self._breaker = Breaker()  # prover failures in a row: a pause
         self._unproved = UnprovedRounds(Backoff(settings.retry_base, settings.idle_poll))

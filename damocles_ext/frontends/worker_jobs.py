@@ -218,7 +218,7 @@ async def deliver(
 async def say_faults_seen(
     held: HeldJob,
     faults: tuple[int, ...],
-    limiters: dict[str, trio.CapacityLimiter],
+    threads: trio.CapacityLimiter,
     looks: set[trio.CancelScope],
 ) -> None:
     """Once a result with faulty sectors was delivered: log what this machine sees of their
@@ -229,7 +229,7 @@ async def say_faults_seen(
     with trio.CancelScope() as look:
         looks.add(look)
         try:
-            seen = await faults_seen(held.job.Id, held.sector_paths, faults, limiters)
+            seen = await faults_seen(held.job.Id, held.sector_paths, faults, threads)
         except Exception:  # a bug of ours in a log line: not the worker's end
             log.exception("job %s: looking at its faulty sectors' files failed", held.job.Id)
         else:

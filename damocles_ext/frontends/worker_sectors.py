@@ -172,6 +172,8 @@ def _limiter_of(
 #: The faulty sectors of a proof whose files the worker looks at, at most (a partition's
 #: 2,349 in a store gone: the first ones say it).
 FAULTS_LOOKED_AT = 200
+#: Threads looking at faulty sectors' files at once, across the worker's jobs.
+FAULT_LOOK_THREADS = 8
 #: What a faulty sector whose files are there and readable comes from.
 _FILES_FINE = (
     "the data did not check out against the comm_r, or the prover could not use it: the"
@@ -183,36 +185,37 @@ async def faults_seen(
     job_id: str,
     where: dict[int, tuple[str, str]],
     faults: Sequence[int],
-    limiters: dict[str, trio.CapacityLimiter],
+    threads: trio.CapacityLimiter,
 ) -> str:
     """The log line for what this machine sees of the files of `faults`, the sectors a proof of
     job `job_id` answered faulty (`where`: (sealed_file, cache_dir) by sector number): of each
     of the first FAULTS_LOOKED_AT, what is wrong (missing, another type of file, a symlink to
     nothing, not readable by this worker's user), or that nothing is. A prover's answer names
-    the faulty sectors, not why; a C or `Bin` prover may log nothing. One thread per sealed
-    files' directory (`limiters`: the looks' own), each within STORE_LOOK_TIMEOUT."""
-    looked = [n for n in faults if n in where][:FAULTS_LOOKED_AT]
-    groups = _by_directory(looked, where)
+    the faulty sectors, not why; a C or `Bin` prover may log nothing. One thread per directory
+    of sealed files, each within STORE_LOOK_TIMEOUT, at most `threads`' tokens at once for all
+    the worker's looks: a thread stuck on a stalled mount keeps its token until it returns, so
+    such threads never pile up (the looks that find no token in time say so)."""
+    known = [n for n in faults if n in where]  # (a number not the job's: the prover's bug)
+    looked = known[:FAULTS_LOOKED_AT]
     why: dict[int, str] = {}
 
     async def look(directory: str, numbers: list[int]) -> None:
-        with _limiter_of(limiters, directory) as limiter:
-            try:
-                found = await in_thread(
-                    _file_problems,
-                    [where[n] for n in numbers],
-                    limiter=limiter,
-                    timeout=STORE_LOOK_TIMEOUT,
-                )
-            except (TimeoutError, NoThreadError) as exc:
-                found = [f"{directory}: {exc}"] * len(numbers)
+        try:
+            found = await in_thread(
+                _file_problems,
+                [where[n] for n in numbers],
+                limiter=threads,
+                timeout=STORE_LOOK_TIMEOUT,
+            )
+        except (TimeoutError, NoThreadError) as exc:
+            found = [f"{directory}: {exc}"] * len(numbers)
         why.update(zip(numbers, found, strict=True))
 
     async with trio.open_nursery() as nursery:
-        for directory, numbers in groups.items():
+        for directory, numbers in _by_directory(looked, where).items():
             nursery.start_soon(look, directory, numbers)
     return faults_seen_text(
-        job_id, [(n, why[n]) for n in looked], len(faults) - len(looked), _FILES_FINE
+        job_id, [(n, why[n]) for n in looked], len(known) - len(looked), _FILES_FINE
     )
 
 
