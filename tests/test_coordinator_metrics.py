@@ -19,6 +19,7 @@ from test_jobs_rules import make_input
 from test_metrics import scrape, value
 
 from damocles_ext.frontends.coordinator import Coordinator, CoordinatorServer
+from damocles_ext.jobs import summary
 from damocles_ext.jobs.metrics import JobMetrics
 from damocles_ext.jobs.pings import PausedWorkers
 from damocles_ext.jobs.store import JobStore, TrioJobStore
@@ -258,6 +259,12 @@ def summary_of(paused: int, threads: int = 2) -> dict:
             "waiting": 0, "errors": 0}  # fmt: skip
 
 
+def paused_in_store(store: JobStore, now: float) -> tuple[int | None, dict[str, tuple]]:
+    """The store's summary of the pauses: (paused workers, {live worker: (paused, slots)})."""
+    s = store.summary(now)
+    return s.paused_workers, {w.worker: (w.paused_slots, w.slots) for w in s.workers}
+
+
 async def test_a_live_worker_whose_ping_says_paused_is_shown_paused(tmp_path, caplog):
     # A worker (ours after prover failures, a damocles-worker an operator paused) that says
     # in its ping that its slots are Paused takes no job on them: before, the coordinator read
@@ -285,17 +292,28 @@ async def test_a_live_worker_whose_ping_says_paused_is_shown_paused(tmp_path, ca
             got = await scrape(metrics_server.url)
             assert value(got, P + "job_workers_live") == 2
             assert value(got, P + "job_workers_paused") == 1
+            # And in the store, for `status --jobs` (which reads the store, not us).
+            assert paused_in_store(store, clock.now) == (
+                1,
+                {"worker-a": (2, 2), "worker-b": (0, 0)},
+            )
+            assert "worker-a  any     any          0s ago     2 of 2 slots" in summary.render(
+                store.summary(clock.now)
+            )
             clock.now += 600  # no ping since: neither live nor paused any more
             got = await scrape(metrics_server.url)
             assert value(got, P + "job_workers_paused") == 0
+            assert paused_in_store(store, clock.now) == (0, {})
             await ping("worker-a", Summary=summary_of(1))
             await ping("worker-a", Summary=summary_of(2))  # (one line while it lasts)
             got = await scrape(metrics_server.url)
             assert value(got, P + "job_workers_live") == 1
             assert value(got, P + "job_workers_paused") == 1
+            assert paused_in_store(store, clock.now) == (1, {"worker-a": (2, 2)})
             await ping("worker-a", Summary=summary_of(0))
             got = await scrape(metrics_server.url)
             assert value(got, P + "job_workers_paused") == 0
+            assert paused_in_store(store, clock.now) == (0, {"worker-a": (0, 0)})
             nursery.cancel_scope.cancel()
     said = [r.getMessage() for r in caplog.records if "worker-a says" in r.getMessage()]
     then = "(its Venus.WorkerPing): it takes no job on them until it says otherwise; see its log"

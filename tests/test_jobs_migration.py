@@ -36,7 +36,7 @@ def schema_of(url: str) -> tuple[int, list[str]]:
         engine.dispose()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_the_commands_that_only_read_leave_an_older_stores_schema_as_it_is(
     store_url, version, capsys
 ):
@@ -49,11 +49,16 @@ def test_the_commands_that_only_read_leave_an_older_stores_schema_as_it_is(
     assert job.Id in capsys.readouterr().out
     if version >= 2:  # the workers seen are in the old table: read from there
         assert cli.main(["status", "--jobs", store_url, "--json"]) == 0
-        assert '"ready2run": 1' in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert '"ready2run": 1' in out
+        assert '"paused_workers": null' in out  # (none kept before version 5: not known)
     else:  # none kept: the summary cannot be told, and the message says what to do
         assert cli.main(["status", "--jobs", store_url]) == 2
         err = capsys.readouterr().err
-        assert "has schema version 1, older than this damocles-ext's (4), and the summary of" in err
+        assert (
+            f"has schema version 1, older than this damocles-ext's ({store.SCHEMA_VERSION}), and"
+            " the summary of"
+        ) in err
         assert "`serve --jobs` starts on the store" in err and "status --jobs URL --upgrade" in err
     with JobStore.open(store_url, read_only=True) as s:
         assert s.version == version and s.list_jobs() == [job]
@@ -75,10 +80,10 @@ def test_the_commands_that_only_read_refuse_a_store_a_newer_damocles_ext_made(st
     for command in (["wdpost", "list"], ["status"], ["wdpost", "reset", job.Id]):
         assert cli.main([*command, "--jobs", store_url]) == 2
         assert (
-            "has schema version 5, newer than this damocles-ext knows (4): a newer damocles-ext"
-            " made it; upgrade this one"
+            f"has schema version {store.SCHEMA_VERSION + 1}, newer than this damocles-ext knows"
+            f" ({store.SCHEMA_VERSION}): a newer damocles-ext made it; upgrade this one"
         ) in capsys.readouterr().err
-    assert schema_of(store_url)[0] == 5
+    assert schema_of(store_url)[0] == store.SCHEMA_VERSION + 1
 
 
 def test_an_upgrade_a_session_idle_in_a_transaction_holds_gives_up_naming_it(postgres_url):
@@ -95,7 +100,8 @@ def test_an_upgrade_a_session_idle_in_a_transaction_holds_gives_up_naming_it(pos
             JobStore.open(postgres_url)
         pid = idle.info.backend_pid
     message = str(raised.value)
-    assert "cannot upgrade the job store" in message and "from schema version 2 to 4" in message
+    assert "cannot upgrade the job store" in message
+    assert f"from schema version 2 to {store.SCHEMA_VERSION}" in message
     assert f"for over 5 s (pid {pid} (user postgres, " in message
     assert "idle in transaction since" in message
     assert "it is left at version 2, unchanged" in message and "pg_terminate_backend" in message
@@ -256,7 +262,9 @@ def test_a_role_that_may_not_create_upgrade_or_write_the_store_is_told_what_it_n
     )
     with pytest.raises(StoreConfigError) as raised:
         JobStore.open(url)
-    assert "has schema version 3, older than this damocles-ext's (4)" in str(raised.value)
+    assert f"has schema version 3, older than this damocles-ext's ({store.SCHEMA_VERSION})" in str(
+        raised.value
+    )
     assert f" role {role!r} may not upgrade it (permission denied" in str(raised.value)
     assert "run this damocles-ext once with the owner's URL" in str(raised.value)
 
@@ -273,7 +281,9 @@ def test_a_role_that_may_not_create_upgrade_or_write_the_store_is_told_what_it_n
     with pytest.raises(StoreConfigError) as raised:
         JobStore.open(url, writable=True)  # a coordinator's does not get far
     assert f"the PostgreSQL role {role!r} may not write the job store " in str(raised.value)
-    assert f"dext_job_workers TO {role}, or give the URL of a role" in str(raised.value)
+    assert f"dext_job_workers, dext_job_workers_paused TO {role}, or give the URL of a role" in str(
+        raised.value
+    )
 
 
 def test_an_upgrade_grants_the_table_it_makes_to_the_roles_granted_the_jobs_table(
@@ -366,3 +376,25 @@ def test_a_role_granted_only_the_tables_of_version_4_reads_the_summary_of_an_upg
         got = s.summary(T0)
         assert [w.worker for w in got.workers] == ["old"]  # carried over into dext_job_workers
         assert (got.jobs["ready2run"], got.unallocatable) == (1, 0)
+
+
+def test_a_role_granted_the_tables_of_version_4_only_reads_a_summary_without_the_pauses(
+    postgres_url,
+):
+    # A monitoring role granted SELECT on the tables of version 4 only, as a GRANT of before
+    # listed them (the upgrade grants its new table to the roles that then hold privileges on
+    # the jobs table): its summary says the pauses are not known rather than failing on them.
+    job = rules.new_job(make_input(seed=9, miner=1234), T0)
+    make_old_store(postgres_url, 4, job)
+    with JobStore.open(postgres_url) as s:  # upgraded by the owner
+        s.worker_seen("old", T0, (1, 2))
+    before = [name for name in database.metadata.tables if name != database.workers_paused.name]
+    url, _ = a_role(postgres_url, f"SELECT ON {', '.join(before)}")
+    with JobStore.open(url, read_only=True) as s:
+        got = s.summary(T0)
+    assert [(w.worker, w.paused_slots) for w in got.workers] == [("old", None)]
+    assert got.paused_workers is None and (got.jobs["ready2run"], got.unallocatable) == (1, 0)
+    with JobStore.open(postgres_url, read_only=True) as s:  # the owner reads them
+        got = s.summary(T0)
+    assert [(w.worker, w.paused_slots, w.slots) for w in got.workers] == [("old", 1, 2)]
+    assert got.paused_workers == 1

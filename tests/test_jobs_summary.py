@@ -190,6 +190,40 @@ def test_a_late_allocation_call_keeps_a_workers_later_last_seen_unless_the_clock
     assert last_seen(back + 100) == back + 100
 
 
+def test_a_workers_pause_is_kept_while_its_pings_say_it_and_read_within_the_live_window(js):
+    window = summary.DEFAULT_LIVE_WINDOW
+    js.allocate(AllocationSpec(), 0, "w", T0)
+    js.allocate(AllocationSpec(), 0, "v", T0)
+
+    def pauses(now: float) -> tuple:
+        s = js.summary(now)
+        return s.paused_workers, {w.worker: (w.paused_slots, w.slots) for w in s.workers}
+
+    assert pauses(T0) == (0, {"v": (0, 0), "w": (0, 0)})
+    js.worker_seen("w", T0 + 1, (1, 4))
+    js.worker_seen("sealer", T0 + 1, (3, 3))  # a pause of no WindowPoSt worker: not shown
+    assert pauses(T0 + 1) == (1, {"v": (0, 0), "w": (1, 4)})
+    assert "paused workers: 1 (a slot paused takes no job" in summary.render(js.summary(T0 + 1))
+    js.worker_seen("w", T0 + 2, (2, 4))
+    js.worker_seen("w", T0 + 3, None)  # a ping that says nothing of it: the pause stays
+    assert pauses(T0 + 3)[1]["w"] == (2, 4)
+    js.worker_seen("w", T0 + 1.5, (0, 4))  # a late ping: an older state, not taken
+    assert pauses(T0 + 3)[1]["w"] == (2, 4)
+    # Not said again within the live window (the worker gone, or pinging an older
+    # coordinator): read as none, though the row stays until the cleanup.
+    js.worker_seen("w", T0 + window + 10, None)
+    assert pauses(T0 + window + 10) == (0, {"w": (0, 0)})
+    js.worker_seen("w", T0 + window + 20, (2, 4))
+    js.worker_seen("w", T0 + window + 30, (0, 4))  # the pause over: its row goes
+    assert pauses(T0 + window + 30) == (0, {"w": (0, 0)})
+    with js.engine.begin() as conn:
+        rows = conn.execute(sa.select(database.workers_paused.c.worker)).scalars().all()
+    assert rows == ["sealer"]
+    js.cleanup(T0 + js.limits.job_lifetime + 2)  # forgotten with the workers
+    with js.engine.begin() as conn:
+        assert conn.execute(sa.select(database.workers_paused)).all() == []
+
+
 def test_workers_gone_for_the_job_lifetime_are_forgotten_by_the_cleanup(js):
     js.allocate(AllocationSpec(), 0, "old", T0)
     js.allocate(AllocationSpec(), 0, "new", T0 + js.limits.job_lifetime)
@@ -211,7 +245,8 @@ OLD_WORKERS = sa.Table(
 def make_old_store(url: str, version: int, job: model.JobRecord) -> None:
     """A store as an older release made it: version 1 has the jobs table (with its index of
     ready jobs, which version 3 replaces) and no workers table; version 2 adds the workers
-    (keyed by their spec until version 4); version 3 has the index of today."""
+    (keyed by their spec until version 4); version 3 has the index of today; version 4 keys the
+    workers by the spec's digest, in a table of another name, and keeps no pauses."""
     engine = store.make_engine(url)
     try:
         with engine.begin() as conn:
@@ -226,9 +261,14 @@ def make_old_store(url: str, version: int, job: model.JobRecord) -> None:
                         " (state, not_after, created_at)"
                     )
                 )
-            if version >= 2:
-                OLD_WORKERS.create(conn)
-                key = summary.spec_key(AllocationSpec((1234,)))  # as versions 2 and 3 kept it
+            key = summary.spec_key(AllocationSpec((1234,)))
+            if version == 4:  # its own table, keyed by the spec's digest (no pauses kept)
+                database.workers.create(conn)
+                digest = summary.spec_digest(key)
+                conn.execute(database.workers.insert().values(
+                    worker="old", spec_digest=digest, spec=key, last_seen=T0))  # fmt: skip
+            elif version >= 2:
+                OLD_WORKERS.create(conn)  # (as versions 2 and 3 kept them)
                 conn.execute(OLD_WORKERS.insert().values(worker="old", spec=key, last_seen=T0))
             conn.execute(store.schema_version.insert().values(version=version))
             conn.execute(store.jobs.insert().values(rows.row_values(job)))
@@ -236,12 +276,12 @@ def make_old_store(url: str, version: int, job: model.JobRecord) -> None:
         engine.dispose()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_a_store_of_a_previous_schema_version_is_migrated_and_keeps_its_jobs(store_url, version):
     job = rules.new_job(make_input(seed=9, miner=1234), T0)
     make_old_store(store_url, version, job)
     with JobStore.open(store_url) as s:
-        assert s.schema_version() == store.SCHEMA_VERSION == 4
+        assert s.schema_version() == store.SCHEMA_VERSION == 5
         assert s.get(job.Id) == job
         # The workers seen before are carried over (version 1 kept none): the job is one the
         # worker seen takes, so it is not unallocatable.
@@ -252,8 +292,9 @@ def test_a_store_of_a_previous_schema_version_is_migrated_and_keeps_its_jobs(sto
         assert s.summary(T0).unallocatable == 0
         with s.engine.begin() as conn:
             assert sa.inspect(conn).has_table("dext_job_workers")
-            # A coordinator of the last version still running goes on with its own table.
-            assert sa.inspect(conn).has_table(database.OLD_WORKERS) == (version >= 2)
+            assert sa.inspect(conn).has_table("dext_job_workers_paused")
+            # A coordinator of versions 2 or 3 still running goes on with its own table.
+            assert sa.inspect(conn).has_table(database.OLD_WORKERS) == (2 <= version <= 3)
             indexes = {
                 i["name"]: i["column_names"]
                 for i in sa.inspect(conn).get_indexes("dext_wdpost_jobs")
@@ -263,7 +304,7 @@ def test_a_store_of_a_previous_schema_version_is_migrated_and_keeps_its_jobs(sto
         [taken] = s.allocate(AllocationSpec(), 1, "w", T0 + 1)
         assert taken.Id == job.Id
     with JobStore.open(store_url) as s:  # and a second open finds nothing to do
-        assert s.migrate() == 4 and s.get(job.Id) == taken
+        assert s.migrate() == store.SCHEMA_VERSION and s.get(job.Id) == taken
 
 
 async def test_the_trio_wrapper_reads_the_summary_and_records_pings_with_its_clock(store_url):

@@ -25,7 +25,7 @@ from ..jobs.database import SQLITE_WAL_SIZE_LIMIT
 from ..jobs.log_lines import fields_of, said_of
 from ..jobs.model import JobOutput
 from ..jobs.outage import Outage
-from ..jobs.pings import PausedWorkers
+from ..jobs.pings import PausedWorkers, pause_of
 from ..jobs.silence import Hearing
 from ..jobs.store import DEFAULT_PASS_LIMIT, Outcome, StoreError, StoreLost, TrioJobStore
 from ..jobs.trio_store import calling
@@ -258,11 +258,12 @@ class Coordinator:
         log.debug("worker ping: %.200r", info)
         # damocles' WorkerInfo carries the worker's Name: a worker that asked for jobs before is
         # alive (what `status --jobs` and the metrics count as a live worker); its Summary says
-        # if it is paused (kept here, in memory: the metrics and the log show it).
+        # if it is paused (kept here, in memory, for the metrics and the log; and in the store,
+        # for `status --jobs`).
         name = rpc.worker_name_of(info)
         if name and "\0" not in name:
             self.paused_workers.heard(name, info)
-            await self.store.worker_seen(name)
+            await self.store.worker_seen(name, pause_of(name, info))
 
     async def sweep_forever(
         self,

@@ -31,14 +31,16 @@ from .pg_session import on_connect as _pg_session_setup
 
 #: The schema this code reads and writes. A store at a newer version is refused (a newer
 #: damocles-ext made it); an older one is migrated forward at open, in one transaction.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # The versions, for the migration steps (store.JobStore.migrate):
 # 1: dext_wdpost_jobs;
 # 2: dext_workers added (the workers seen and their allocation filters, for `status --jobs`);
 # 3: the index of ready jobs ends with the id, as the allocation order does: the database reads
 #    the next job off the index instead of sorting every ready job created in the same second;
 # 4: the workers seen in dext_job_workers, keyed by the spec's digest, not the spec (a filter of
-#    hundreds of miners passed PostgreSQL's index limit); its rows copied in, dext_workers left.
+#    hundreds of miners passed PostgreSQL's index limit); its rows copied in, dext_workers left;
+# 5: dext_job_workers_paused: the workers whose last ping said some of their job slots are
+#    paused (prover failures, an operator), for `status --jobs`.
 
 URL_HELP = (
     "give sqlite:///PATH (a file on this machine; sqlite:////abs/path for an absolute one) or "
@@ -151,6 +153,18 @@ workers = sa.Table(
     sa.Column("spec_digest", sa.Text, primary_key=True),  # summary.spec_digest of the spec
     sa.Column("spec", sa.Text, nullable=False),  # summary.spec_key: canonical JSON
     sa.Column("last_seen", sa.Float, nullable=False),
+)
+
+# The workers whose last ping (damocles' WorkerPing, its Summary) said some of their job slots
+# are paused, how many of how many, and when: a row while paused, none once a ping says none is.
+# In the store, so that `status --jobs` shows what the coordinator that took the ping heard.
+workers_paused = sa.Table(
+    "dext_job_workers_paused",
+    metadata,
+    sa.Column("worker", sa.Text, primary_key=True),
+    sa.Column("paused", sa.BigInteger, nullable=False),
+    sa.Column("slots", sa.BigInteger, nullable=False),
+    sa.Column("at", sa.Float, nullable=False),
 )
 
 # --- URLs and engines ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from .database import (
     metadata,
     pg_role,
     schema_version,
+    workers_paused,
 )
 from .lock_waits import is_lock_wait
 
@@ -91,6 +92,8 @@ def bring_up(conn: Connection, found: int, *, lock_timeout: float | None) -> Non
             index.create(conn, checkfirst=True)
     if 0 < found < 4:
         worker_rows.create_and_carry_over(conn)
+    if 0 < found < 5:
+        workers_paused.create(conn, checkfirst=True)
     # Later versions' steps go here, each from `found` up.
     if found > 0 and conn.dialect.name == "postgresql":
         grant_like_jobs(conn, [t.name for t in metadata.sorted_tables if t.name not in had])

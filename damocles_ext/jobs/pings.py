@@ -69,6 +69,20 @@ def paused_of(info: Any) -> tuple[int, int]:
         return 0, 0
 
 
+#: Job slots a worker may say it has, at most, for the store (a count past it is no count).
+MAX_SLOTS = 2**31
+
+
+def pause_of(name: str, info: Any) -> tuple[int, int] | None:
+    """(paused, slots) of worker `name`'s ping, as the store keeps it; None when its ping says
+    nothing of it (no Summary, no slots, counts that are none: more paused than it has), or no
+    allocation takes its name (too long)."""
+    paused, threads = paused_of(info)
+    if not threads or not 0 <= paused <= threads < MAX_SLOTS or worker_name_problem(name):
+        return None
+    return paused, threads
+
+
 class PausedWorkers:
     """The workers whose last ping said Paused > 0, and when; `heard` on the coordinator's
     loop, `names` from any thread (the metrics' scrape)."""

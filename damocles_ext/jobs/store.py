@@ -188,10 +188,8 @@ class JobStore:
             if problem := sqlite_store_problem(sqlite_file(self.url), self.where):
                 raise StoreConfigError(problem)
         elif self._existing_version() == 0:
-            raise StoreConfigError(
-                f"there is no job store at {self.where}: the database has no job tables; check "
-                "the URL"
-            )
+            why = "the database has no job tables; check the URL"
+            raise StoreConfigError(f"there is no job store at {self.where}: {why}")
 
     def close(self) -> None:
         self.engine.dispose()
@@ -454,10 +452,12 @@ class JobStore:
         return replace(outcome, wrote=True) if touched else outcome
 
     @database_errors(replayable=True)
-    def worker_seen(self, worker: str, now: float) -> None:
-        """A worker that asked for jobs before is alive now (damocles' WorkerPing)."""
+    def worker_seen(self, worker: str, now: float, paused: tuple[int, int] | None = None) -> None:
+        """A worker that asked for jobs before is alive now (damocles' WorkerPing); `paused`:
+        how many of its job slots its ping says are paused, of how many (None: it says not)."""
         with self._transaction() as conn:
             worker_rows.touch(conn, [worker], now)
+            worker_rows.pinged(conn, self._insert, worker, paused, now)
 
     @database_errors(replayable=True)
     def summary(
@@ -469,7 +469,7 @@ class JobStore:
         if seen is None:
             raise migration.too_old(self.where, self.version, "the summary of its workers", 2)
         with self._transaction() as conn:
-            return worker_rows.read_summary(conn, now, live_window, self.where, seen)
+            return worker_rows.read_summary(conn, now, live_window, self.where, seen, self.version)
 
     def _each(self, conn: Connection, job_ids: Iterable[str], now: float,
               event_for: Callable[[str], rules.Event], *,

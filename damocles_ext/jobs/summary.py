@@ -84,6 +84,9 @@ class WorkerSeen:
     worker: str
     spec: AllocationSpec
     last_seen: float
+    #: (paused, slots) as its last ping said within the live window ((0, 0): none paused, or
+    #: not said); None: the store does not keep it (schema version before 5).
+    paused: tuple[int, int] | None = None
 
 
 class WorkerStatus(msgspec.Struct, frozen=True):
@@ -94,6 +97,10 @@ class WorkerStatus(msgspec.Struct, frozen=True):
     allowed_proof_types: list[str]
     last_seen: float
     last_seen_ago: float
+    #: Its job slots paused (no job on them: prover failures, an operator) as its last ping
+    #: said, and how many slots it has; 0 and 0 when none is; None when the store cannot say.
+    paused_slots: int | None = None
+    slots: int | None = None
 
 
 class UnallocatableGroup(msgspec.Struct, frozen=True):
@@ -120,6 +127,8 @@ class JobsSummary(msgspec.Struct, frozen=True):
     live_window: float
     live_workers: int
     workers: list[WorkerStatus]
+    #: Live workers with a job slot paused; None when the store cannot say (before version 5).
+    paused_workers: int | None = None
 
 
 def live(workers: Iterable[WorkerSeen], now: float, window: float) -> list[WorkerSeen]:
@@ -148,9 +157,11 @@ def summarize(
     now: float,
     live_window: float = DEFAULT_LIVE_WINDOW,
     store: str = "",
+    pauses_known: bool = True,
 ) -> JobsSummary:
     """The summary from the store's aggregate rows. `counts` is by KINDS (a missing kind is 0);
-    `oldest_ready` is the (id, CreatedAt) of the ready job created first, if any."""
+    `oldest_ready` is the (id, CreatedAt) of the ready job created first, if any;
+    `pauses_known`: the store keeps the workers' pauses (schema version 5 on)."""
     unknown = set(counts) - set(KINDS)
     if unknown:
         raise ValueError(f"not a job kind: {sorted(unknown)} (kinds: {', '.join(KINDS)})")
@@ -181,9 +192,14 @@ def summarize(
                 allowed_proof_types=list(w.spec.allowed_proof_types),
                 last_seen=w.last_seen,
                 last_seen_ago=max(0.0, now - w.last_seen),
+                paused_slots=None if w.paused is None else w.paused[0],
+                slots=None if w.paused is None else w.paused[1],
             )
             for w in alive
         ],
+        paused_workers=(
+            len({w.worker for w in alive if w.paused and w.paused[0]}) if pauses_known else None
+        ),
     )
 
 
@@ -196,6 +212,13 @@ def _ago(seconds: float) -> str:
 
 def _names(values: Sequence[object]) -> str:
     return ",".join(str(v) for v in values) if values else "any"
+
+
+def _paused(w: WorkerStatus) -> str:
+    """The PAUSED column: "2 of 4 slots", "no", or "?" (a store before version 5)."""
+    if w.paused_slots is None:
+        return "?"
+    return f"{w.paused_slots} of {w.slots} slots" if w.paused_slots else "no"
 
 
 def render(s: JobsSummary) -> str:
@@ -212,11 +235,16 @@ def render(s: JobsSummary) -> str:
         out.append(f"oldest ready job: {s.oldest_ready_job}, created {_ago(s.oldest_ready_age)}\n")
     window = go_duration(s.live_window)
     out.append(f"live workers (seen in the last {window}): {s.live_workers}\n")
+    if s.paused_workers:
+        out.append(
+            f"paused workers: {s.paused_workers} (a slot paused takes no job: prover failures"
+            " in a row, or an operator; the worker's log or status says which)\n"
+        )
     if s.workers:
         out.append("\n")
-        rows = [["WORKER", "MINERS", "PROOF TYPES", "LAST SEEN"]]
+        rows = [["WORKER", "MINERS", "PROOF TYPES", "LAST SEEN", "PAUSED"]]
         rows += [[w.worker, _names(w.allowed_miners), _names(w.allowed_proof_types),
-                  _ago(w.last_seen_ago)] for w in s.workers]  # fmt: skip
+                  _ago(w.last_seen_ago), _paused(w)] for w in s.workers]  # fmt: skip
         out.append(tabwrite(rows))
     out.append("\n")
     if not s.unallocatable:

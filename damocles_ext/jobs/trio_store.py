@@ -239,8 +239,8 @@ class TrioJobStore:
     async def remove(self, job_id: str) -> bool:
         return await self._run(self.store.remove, job_id, self.clock(), wrote=bool)
 
-    async def worker_seen(self, worker: str) -> None:
-        await self._run(self.store.worker_seen, worker, self.clock(), wrote=_read)
+    async def worker_seen(self, worker: str, paused: tuple[int, int] | None = None) -> None:
+        await self._run(self.store.worker_seen, worker, self.clock(), paused, wrote=_read)
 
     async def summary(self, **kwargs: Any) -> jobs_summary.JobsSummary:
         return await self._run(self.store.summary, self.clock(), wrote=_read, **kwargs)

@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from . import summary
-from .database import OLD_WORKERS, jobs, workers
+from .database import OLD_WORKERS, jobs, workers, workers_paused
 from .model import FINISHED, READY, RUNNING
 from .rules import STAMP_AHEAD_MAX, AllocationSpec
 
@@ -119,9 +119,45 @@ def touch(conn: Connection, names: Iterable[str], now: float) -> bool:
     return bool(done.rowcount)
 
 
-def forget(conn: Connection, before: float) -> int:
-    """Forget the workers not seen since `before`; how many rows went."""
+def forget(conn: Connection, before: float, version: int = 5) -> int:
+    """Forget the workers not seen since `before`, and pauses not heard of since; how many
+    rows of workers went."""
+    if version >= 5:
+        conn.execute(workers_paused.delete().where(workers_paused.c.at < before))
     return int(conn.execute(workers.delete().where(workers.c.last_seen < before)).rowcount)
+
+
+@functools.cache
+def _pause_upsert(insert: Callable[[Any], Any]) -> Any:
+    statement = insert(workers_paused).values(
+        worker=sa.bindparam("p_worker"),
+        paused=sa.bindparam("p_paused"),
+        slots=sa.bindparam("p_slots"),
+        at=sa.bindparam("p_at"),
+    )
+    given = statement.excluded
+    return statement.on_conflict_do_update(
+        index_elements=[workers_paused.c.worker],
+        set_={"paused": given.paused, "slots": given.slots, "at": given.at},
+        where=workers_paused.c.at <= given.at,  # (a late ping never says an older state)
+    )
+
+
+def pinged(conn: Connection, insert: Callable[[Any], Any], worker: str,
+           paused: tuple[int, int] | None, now: float) -> None:  # fmt: skip
+    """Worker `worker` pinged now saying (paused, slots): that many of its job slots are
+    paused, of how many; its row written, or (none paused) removed; None: its ping said not."""
+    if paused is None:
+        return
+    if paused[0] > 0:
+        values = {"p_worker": worker, "p_paused": paused[0], "p_slots": paused[1], "p_at": now}
+        conn.execute(_pause_upsert(insert), values)
+    else:
+        conn.execute(
+            workers_paused.delete().where(
+                workers_paused.c.worker == worker, workers_paused.c.at <= now
+            )
+        )
 
 
 #: The workers seen as schema versions 2 and 3 kept them (keyed by the spec itself), which a
@@ -140,20 +176,25 @@ _OLD_SEEN_READABLE = sa.text(
 )
 
 
-def _old_seen_readable(conn: Connection) -> bool:
-    """Whether the table of versions 2 and 3 is there, and (PostgreSQL) this role may read it:
-    a role granted only the tables of version 4 (what our GRANT hints list) reads those alone."""
+def _readable(conn: Connection, table: str) -> bool:
+    """Whether `table` is there, and (PostgreSQL) this role may read it: a role granted only
+    some tables (what our GRANT hints listed at its version) reads those alone."""
     if conn.dialect.name != "postgresql":
-        return sa.inspect(conn).has_table(OLD_WORKERS)
-    return bool(conn.execute(_OLD_SEEN_READABLE, {"table": OLD_WORKERS}).scalar())
+        return sa.inspect(conn).has_table(table)
+    return bool(conn.execute(_OLD_SEEN_READABLE, {"table": table}).scalar())
 
 
 def read_summary(
-    conn: Connection, now: float, live_window: float, where: str, seen_in: Any = workers
+    conn: Connection,
+    now: float,
+    live_window: float,
+    where: str,
+    seen_in: Any = workers,
+    version: int = 5,
 ) -> summary.JobsSummary:
     """The summary from a few aggregate queries (see summary.summarize); the workers seen read
     from `seen_in` (seen_table), and at version 4 from the table of versions 2 and 3 too while
-    it is there."""
+    it is there; their pauses from version 5 on (before: not known)."""
     c = jobs.c
     kind = sa.case(
         (c.state == READY, "ready2run"),
@@ -187,7 +228,7 @@ def read_summary(
         sa.select(c.id, c.created_at).where(c.state == READY).order_by(c.created_at, c.id).limit(1)
     ).first()
     tables = [seen_in]
-    if seen_in is workers and _old_seen_readable(conn):
+    if seen_in is workers and _readable(conn, OLD_WORKERS):
         # Upgraded from version 2 or 3: a coordinator of that version may still run on the
         # store (a rolling upgrade), recording the workers it serves in its own table.
         tables.append(_OLD_SEEN)
@@ -200,8 +241,22 @@ def read_summary(
         ):
             key = (row.worker, row.spec)
             latest[key] = max(latest.get(key, -math.inf), float(row.last_seen))
+    pauses: dict[str, tuple[int, int]] | None = None  # (None: not known)
+    if version >= 5 and (conn.dialect.name != "postgresql" or _readable(conn, workers_paused.name)):
+        t = workers_paused.c
+        pauses = {
+            row.worker: (int(row.paused), int(row.slots))
+            for row in conn.execute(
+                sa.select(t.worker, t.paused, t.slots).where(t.at >= now - live_window)
+            )
+        }
     seen = [
-        summary.WorkerSeen(worker, summary.spec_of_key(spec), last_seen)
+        summary.WorkerSeen(
+            worker,
+            summary.spec_of_key(spec),
+            last_seen,
+            None if pauses is None else pauses.get(worker, (0, 0)),
+        )
         for (worker, spec), last_seen in latest.items()
     ]
     return summary.summarize(
@@ -212,4 +267,5 @@ def read_summary(
         now=now,
         live_window=live_window,
         store=where,
+        pauses_known=pauses is not None,
     )
