@@ -313,7 +313,7 @@ async def test_a_live_worker_whose_ping_says_paused_is_shown_paused(tmp_path, ca
             await ping("worker-a", Summary=summary_of(0))
             got = await scrape(metrics_server.url)
             assert value(got, P + "job_workers_paused") == 0
-            assert paused_in_store(store, clock.now) == (0, {"worker-a": (0, 0)})
+            assert paused_in_store(store, clock.now) == (0, {"worker-a": (0, 2)})
             nursery.cancel_scope.cancel()
     said = [r.getMessage() for r in caplog.records if "worker-a says" in r.getMessage()]
     then = "(its Venus.WorkerPing): it takes no job on them until it says otherwise; see its log"

@@ -199,29 +199,38 @@ def test_a_workers_pause_is_kept_while_its_pings_say_it_and_read_within_the_live
         s = js.summary(now)
         return s.paused_workers, {w.worker: (w.paused_slots, w.slots) for w in s.workers}
 
-    assert pauses(T0) == (0, {"v": (0, 0), "w": (0, 0)})
+    def rows() -> list:
+        with js.engine.begin() as conn:
+            t = database.workers_paused.c
+            return conn.execute(sa.select(t.worker, t.paused, t.slots, t.at)).all()
+
+    assert pauses(T0) == (0, {"v": (0, 0), "w": (0, 0)})  # (no ping said it yet)
     js.worker_seen("w", T0 + 1, (1, 4))
-    js.worker_seen("sealer", T0 + 1, (3, 3))  # a pause of no WindowPoSt worker: not shown
-    assert pauses(T0 + 1) == (1, {"v": (0, 0), "w": (1, 4)})
+    js.worker_seen("v", T0 + 1, (0, 2))
+    js.worker_seen("sealer", T0 + 1, (3, 3))  # never asked for jobs: nothing written
+    assert pauses(T0 + 1) == (1, {"v": (0, 2), "w": (1, 4)})
     assert "paused workers: 1 (a slot paused takes no job" in summary.render(js.summary(T0 + 1))
+    assert {r.worker for r in rows()} == {"v", "w"}
     js.worker_seen("w", T0 + 2, (2, 4))
-    js.worker_seen("w", T0 + 3, None)  # a ping that says nothing of it: the pause stays
+    js.worker_seen("w", T0 + 3, None)  # a ping not read: the pause stays
     assert pauses(T0 + 3)[1]["w"] == (2, 4)
-    js.worker_seen("w", T0 + 1.5, (0, 4))  # a late ping: an older state, not taken
-    assert pauses(T0 + 3)[1]["w"] == (2, 4)
+    js.worker_seen("w", T0 + 4, (0, 4))  # the pause over
+    js.worker_seen("w", T0 + 3.5, (2, 4))  # a late ping: an older state, not taken
+    js.worker_seen("v", T0 + 2, (0, 2))  # nothing changed, within 10 s: not written again
+    assert pauses(T0 + 4) == (0, {"v": (0, 2), "w": (0, 4)})
+    assert {(r.worker, r.at) for r in rows()} == {("v", T0 + 1), ("w", T0 + 4)}
     # Not said again within the live window (the worker gone, or pinging an older
-    # coordinator): read as none, though the row stays until the cleanup.
-    js.worker_seen("w", T0 + window + 10, None)
-    assert pauses(T0 + window + 10) == (0, {"w": (0, 0)})
-    js.worker_seen("w", T0 + window + 20, (2, 4))
-    js.worker_seen("w", T0 + window + 30, (0, 4))  # the pause over: its row goes
-    assert pauses(T0 + window + 30) == (0, {"w": (0, 0)})
-    with js.engine.begin() as conn:
-        rows = conn.execute(sa.select(database.workers_paused.c.worker)).scalars().all()
-    assert rows == ["sealer"]
+    # coordinator): not known any more, though the row stays until the cleanup.
+    later = T0 + window + 10
+    js.worker_seen("w", later, None)
+    assert pauses(later) == (0, {"w": (0, 0)})
+    # The wall clock stepped an hour back: a row stamped ahead is replaced, not kept paused.
+    js.worker_seen("w", later, (3, 4))
+    back = later - 3600
+    js.worker_seen("w", back, (0, 4))
+    assert pauses(back)[1]["w"] == (0, 4)
     js.cleanup(T0 + js.limits.job_lifetime + 2)  # forgotten with the workers
-    with js.engine.begin() as conn:
-        assert conn.execute(sa.select(database.workers_paused)).all() == []
+    assert rows() == []
 
 
 def test_workers_gone_for_the_job_lifetime_are_forgotten_by_the_cleanup(js):

@@ -262,8 +262,9 @@ class Coordinator:
         # for `status --jobs`).
         name = rpc.worker_name_of(info)
         if name and "\0" not in name:
-            self.paused_workers.heard(name, info)
-            await self.store.worker_seen(name, pause_of(name, info))
+            pause = pause_of(info)
+            self.paused_workers.heard(name, pause)
+            await self.store.worker_seen(name, pause)
 
     async def sweep_forever(
         self,

@@ -39,8 +39,8 @@ SCHEMA_VERSION = 5
 #    the next job off the index instead of sorting every ready job created in the same second;
 # 4: the workers seen in dext_job_workers, keyed by the spec's digest, not the spec (a filter of
 #    hundreds of miners passed PostgreSQL's index limit); its rows copied in, dext_workers left;
-# 5: dext_job_workers_paused: the workers whose last ping said some of their job slots are
-#    paused (prover failures, an operator), for `status --jobs`.
+# 5: dext_job_workers_paused: what each worker's last ping said of its job slots paused
+#    (prover failures, an operator), for `status --jobs`.
 
 URL_HELP = (
     "give sqlite:///PATH (a file on this machine; sqlite:////abs/path for an absolute one) or "
@@ -155,9 +155,10 @@ workers = sa.Table(
     sa.Column("last_seen", sa.Float, nullable=False),
 )
 
-# The workers whose last ping (damocles' WorkerPing, its Summary) said some of their job slots
-# are paused, how many of how many, and when: a row while paused, none once a ping says none is.
-# In the store, so that `status --jobs` shows what the coordinator that took the ping heard.
+# What each worker's last ping (damocles' WorkerPing, its Summary) said of its job slots: how
+# many are paused (no job on them), of how many, and when (a worker that asked for jobs before;
+# written when it changes, else at most once in 10 s). In the store, so that `status --jobs`
+# shows what the coordinator that took the ping heard.
 workers_paused = sa.Table(
     "dext_job_workers_paused",
     metadata,

@@ -1,15 +1,14 @@
 """What the coordinator keeps of the workers' `Venus.WorkerPing`s beyond their name: which ones
 said in their last ping that they take no job now (damocles' WorkerInfoSummary with `Paused`
 above 0: our worker pausing after prover failures, a damocles-worker whose threads an operator
-paused), for the coordinator's log and its metrics (`damocles_ext_job_workers_paused`).
-
-Kept in the coordinator's memory, not in the job store: a worker pings every 30 s, so a
-coordinator that restarts knows again within one ping, and the store's schema is unchanged.
-With several coordinators on one store, each knows the pings it took.
+paused), for the coordinator's log and its metrics (`damocles_ext_job_workers_paused`), kept in
+its memory; and what the job store keeps of it for `status --jobs` (`pause_of`; workers.pinged),
+so that whichever coordinator took a worker's pings, the summary shows it. The two read a ping
+alike: what one counts paused, the other does.
 
 The ping's Summary is read leniently: keys in any case (as Go reads them, gojson.py), and a
-Summary that is absent or malformed, or a count that is not a whole number, counts as not
-paused: it never fails the ping.
+Summary that is absent or malformed, a count that is not a whole number, or counts that cannot
+be (more slots paused than the worker has), count as not paused: it never fails the ping.
 """
 
 from __future__ import annotations
@@ -73,13 +72,13 @@ def paused_of(info: Any) -> tuple[int, int]:
 MAX_SLOTS = 2**31
 
 
-def pause_of(name: str, info: Any) -> tuple[int, int] | None:
-    """(paused, slots) of worker `name`'s ping, as the store keeps it; None when its ping says
-    nothing of it (no Summary, no slots, counts that are none: more paused than it has), or no
-    allocation takes its name (too long)."""
+def pause_of(info: Any) -> tuple[int, int]:
+    """(paused, slots) of a WorkerPing's workerInfo, as the coordinator's memory and the store
+    keep it; (0, 0) when it says nothing of it (no Summary), or what cannot be (more slots
+    paused than it has, or more slots than MAX_SLOTS): not paused."""
     paused, threads = paused_of(info)
-    if not threads or not 0 <= paused <= threads < MAX_SLOTS or worker_name_problem(name):
-        return None
+    if not 0 <= paused <= threads < MAX_SLOTS:
+        return 0, 0
     return paused, threads
 
 
@@ -92,12 +91,12 @@ class PausedWorkers:
         self._lock = threading.Lock()
         self._paused: dict[str, float] = {}  # name -> its last ping (paused), on `clock`
 
-    def heard(self, name: str, info: Any) -> None:
-        """Worker `name` pinged with `info`: said when it begins or ends a pause. A name no
-        allocation takes (too long) is no worker's: not kept."""
+    def heard(self, name: str, pause: tuple[int, int]) -> None:
+        """Worker `name` pinged saying (paused, slots) (`pause_of`): said when it begins or ends
+        a pause. A name no allocation takes (too long) is no worker's: not kept."""
         if worker_name_problem(name) is not None:
             return
-        paused, threads = paused_of(info)
+        paused, threads = pause
         now = self._clock()
         with self._lock:
             at = self._paused.pop(name, None)  # (one not heard from for long: a new pause)

@@ -135,29 +135,37 @@ def _pause_upsert(insert: Callable[[Any], Any]) -> Any:
         slots=sa.bindparam("p_slots"),
         at=sa.bindparam("p_at"),
     )
-    given = statement.excluded
+    stored, given = workers_paused.c, statement.excluded
     return statement.on_conflict_do_update(
-        index_elements=[workers_paused.c.worker],
+        index_elements=[stored.worker],
         set_={"paused": given.paused, "slots": given.slots, "at": given.at},
-        where=workers_paused.c.at <= given.at,  # (a late ping never says an older state)
+        where=sa.and_(
+            # A late ping never says an older state; a row stamped further ahead than a call is
+            # ever late was stamped before the wall clock stepped back, and is replaced.
+            sa.or_(stored.at <= given.at, stored.at > given.at + STAMP_AHEAD_MAX),
+            # Written when it changes, else at most once in TOUCH_EVERY (read within a window).
+            sa.or_(
+                stored.paused != given.paused,
+                stored.slots != given.slots,
+                stored.at < given.at - TOUCH_EVERY,
+                stored.at > given.at,
+            ),
+        ),
     )
 
 
 def pinged(conn: Connection, insert: Callable[[Any], Any], worker: str,
-           paused: tuple[int, int] | None, now: float) -> None:  # fmt: skip
-    """Worker `worker` pinged now saying (paused, slots): that many of its job slots are
-    paused, of how many; its row written, or (none paused) removed; None: its ping said not."""
-    if paused is None:
+           pause: tuple[int, int] | None, now: float) -> None:  # fmt: skip
+    """Worker `worker` pinged now saying (paused, slots) (pings.pause_of; None: not read):
+    written for a worker that asked for jobs before, as `touch` refreshes it (a name that never
+    did is no WindowPoSt worker: a sealing worker, or any client, writes nothing)."""
+    if pause is None:
         return
-    if paused[0] > 0:
-        values = {"p_worker": worker, "p_paused": paused[0], "p_slots": paused[1], "p_at": now}
-        conn.execute(_pause_upsert(insert), values)
-    else:
-        conn.execute(
-            workers_paused.delete().where(
-                workers_paused.c.worker == worker, workers_paused.c.at <= now
-            )
-        )
+    known = sa.select(workers.c.worker).where(workers.c.worker == worker).limit(1)
+    if conn.execute(known).first() is None:
+        return
+    values = {"p_worker": worker, "p_paused": pause[0], "p_slots": pause[1], "p_at": now}
+    conn.execute(_pause_upsert(insert), values)
 
 
 #: The workers seen as schema versions 2 and 3 kept them (keyed by the spec itself), which a
@@ -244,10 +252,12 @@ def read_summary(
     pauses: dict[str, tuple[int, int]] | None = None  # (None: not known)
     if version >= 5 and (conn.dialect.name != "postgresql" or _readable(conn, workers_paused.name)):
         t = workers_paused.c
-        pauses = {
+        pauses = {  # (one stamped ahead of the window: before the wall clock stepped back)
             row.worker: (int(row.paused), int(row.slots))
             for row in conn.execute(
-                sa.select(t.worker, t.paused, t.slots).where(t.at >= now - live_window)
+                sa.select(t.worker, t.paused, t.slots).where(
+                    t.at >= now - live_window, t.at <= now + live_window
+                )
             )
         }
     seen = [
