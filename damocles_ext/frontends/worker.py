@@ -128,8 +128,9 @@ class Worker:
         self._refusals = allocations_outage()  # allocations refused: the manager's store down
         self._look_limiters: dict[str, trio.CapacityLimiter] = {}  # one per store directory
         #: The looks at faulty sectors' files (worker_jobs.say_faults_seen): their own threads,
-        #: so a slow one never holds a proof's store check; cancelled by `stop`.
-        self._fault_looks = (trio.CapacityLimiter(FAULT_LOOK_THREADS), set[trio.CancelScope]())
+        #: so a slow one never holds a proof's store check; their scopes, which `stop` cancels.
+        self._fault_look_threads = trio.CapacityLimiter(FAULT_LOOK_THREADS)
+        self._fault_looks: set[trio.CancelScope] = set()
         self._idle_until = -math.inf
         self._breaker = Breaker()  # prover failures in a row: a pause
         self._unproved = UnprovedRounds(Backoff(settings.retry_base, settings.idle_poll))
@@ -154,7 +155,7 @@ class Worker:
         Before the run started (naming itself, asking the manager about its stores): at once."""
         self.stopping = True
         self._stop.set()
-        for look in self._fault_looks[1]:
+        for look in self._fault_looks:
             look.cancel()
         self._start_scope.cancel()  # (nothing once the start is over)
         self.touch()
@@ -516,7 +517,7 @@ class Worker:
                 await deliver(self, self._calls, held, output, error)
         self._release(held)
         if output is not None and output.faults and held.delivered and not self.stopping:
-            await say_faults_seen(held, output.faults, *self._fault_looks)
+            await say_faults_seen(held, output.faults, self._fault_look_threads, self._fault_looks)
             self.touch()
 
     async def _fail(self, held: HeldJob, error: str) -> None:

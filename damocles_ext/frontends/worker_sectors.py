@@ -214,9 +214,7 @@ async def faults_seen(
     async with trio.open_nursery() as nursery:
         for directory, numbers in _by_directory(looked, where).items():
             nursery.start_soon(look, directory, numbers)
-    return faults_seen_text(
-        job_id, [(n, why[n]) for n in looked], len(known) - len(looked), _FILES_FINE
-    )
+    return faults_seen_text(job_id, [(n, why[n]) for n in looked], len(known) - len(looked))
 
 
 def _by_directory(numbers: list[int], where: dict[int, tuple[str, str]]) -> dict[str, list[int]]:
@@ -250,12 +248,10 @@ def _file_problem(sealed: str, cache: str) -> str:
 FAULT_CAUSES_NAMED = 5
 
 
-def faults_seen_text(
-    job_id: str, seen: Sequence[tuple[int, str]], not_looked_at: int, ok_why: str
-) -> str:
+def faults_seen_text(job_id: str, seen: Sequence[tuple[int, str]], not_looked_at: int) -> str:
     """The log line for what the worker saw of a job's faulty sectors' files: `seen`, (sector
     number, what is wrong with its files, '' for nothing) each; `not_looked_at`, the faulty
-    sectors beyond those; `ok_why`, what a fault whose files are fine comes from."""
+    sectors beyond those."""
     bad = [(n, why) for n, why in seen if why]
     fine = [n for n, why in seen if not why]
     parts = []
@@ -266,7 +262,7 @@ def faults_seen_text(
         whose = "its files are" if len(fine) == 1 else "their files are"
         parts.append(
             f"{'sector' if len(fine) == 1 else 'sectors'} {sector_list(fine)}: {whose} here and"
-            f" readable, so {ok_why}"
+            f" readable, so {_FILES_FINE}"
         )
     if not_looked_at:
         parts.append(f"{not_looked_at} more not looked at")

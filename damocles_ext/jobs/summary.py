@@ -17,7 +17,7 @@ same workers.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -84,9 +84,6 @@ class WorkerSeen:
     worker: str
     spec: AllocationSpec
     last_seen: float
-    #: (paused, slots) as its last ping said within the live window ((0, 0): none paused, or
-    #: not said); None: the store does not keep it (schema version before 5).
-    paused: tuple[int, int] | None = None
 
 
 class WorkerStatus(msgspec.Struct, frozen=True):
@@ -157,11 +154,12 @@ def summarize(
     now: float,
     live_window: float = DEFAULT_LIVE_WINDOW,
     store: str = "",
-    pauses_known: bool = True,
+    pauses: Mapping[str, tuple[int, int]] | None = None,
 ) -> JobsSummary:
     """The summary from the store's aggregate rows. `counts` is by KINDS (a missing kind is 0);
-    `oldest_ready` is the (id, CreatedAt) of the ready job created first, if any;
-    `pauses_known`: the store keeps the workers' pauses (schema version 5 on)."""
+    `oldest_ready` is the (id, CreatedAt) of the ready job created first, if any; `pauses`,
+    (paused, slots) by worker as its last ping within the live window said (a worker not in it:
+    none said), None when the store cannot say (before schema version 5)."""
     unknown = set(counts) - set(KINDS)
     if unknown:
         raise ValueError(f"not a job kind: {sorted(unknown)} (kinds: {', '.join(KINDS)})")
@@ -192,13 +190,15 @@ def summarize(
                 allowed_proof_types=list(w.spec.allowed_proof_types),
                 last_seen=w.last_seen,
                 last_seen_ago=max(0.0, now - w.last_seen),
-                paused_slots=None if w.paused is None else w.paused[0],
-                slots=None if w.paused is None else w.paused[1],
+                paused_slots=None if pauses is None else pauses.get(w.worker, (0, 0))[0],
+                slots=None if pauses is None else pauses.get(w.worker, (0, 0))[1],
             )
             for w in alive
         ],
         paused_workers=(
-            len({w.worker for w in alive if w.paused and w.paused[0]}) if pauses_known else None
+            None
+            if pauses is None
+            else len({w.worker for w in alive if pauses.get(w.worker, (0, 0))[0]})
         ),
     )
 

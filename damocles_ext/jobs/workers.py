@@ -119,11 +119,10 @@ def touch(conn: Connection, names: Iterable[str], now: float) -> bool:
     return bool(done.rowcount)
 
 
-def forget(conn: Connection, before: float, version: int = 5) -> int:
-    """Forget the workers not seen since `before`, and pauses not heard of since; how many
-    rows of workers went."""
-    if version >= 5:
-        conn.execute(workers_paused.delete().where(workers_paused.c.at < before))
+def forget(conn: Connection, before: float) -> int:
+    """Forget the workers not seen since `before`, and pauses not heard of since (a store
+    written to is at SCHEMA_VERSION); how many rows of workers went."""
+    conn.execute(workers_paused.delete().where(workers_paused.c.at < before))
     return int(conn.execute(workers.delete().where(workers.c.last_seen < before)).rowcount)
 
 
@@ -178,7 +177,7 @@ def seen_table(version: int) -> Any:
     return workers if version >= 4 else _OLD_SEEN if version >= 2 else None
 
 
-_OLD_SEEN_READABLE = sa.text(
+_READABLE = sa.text(
     "SELECT CASE WHEN to_regclass(:table) IS NULL THEN false"
     " ELSE has_table_privilege(:table, 'SELECT') END"
 )
@@ -189,7 +188,7 @@ def _readable(conn: Connection, table: str) -> bool:
     some tables (what our GRANT hints listed at its version) reads those alone."""
     if conn.dialect.name != "postgresql":
         return sa.inspect(conn).has_table(table)
-    return bool(conn.execute(_OLD_SEEN_READABLE, {"table": table}).scalar())
+    return bool(conn.execute(_READABLE, {"table": table}).scalar())
 
 
 def read_summary(
@@ -197,8 +196,8 @@ def read_summary(
     now: float,
     live_window: float,
     where: str,
-    seen_in: Any = workers,
-    version: int = 5,
+    seen_in: Any,
+    version: int,
 ) -> summary.JobsSummary:
     """The summary from a few aggregate queries (see summary.summarize); the workers seen read
     from `seen_in` (seen_table), and at version 4 from the table of versions 2 and 3 too while
@@ -261,12 +260,7 @@ def read_summary(
             )
         }
     seen = [
-        summary.WorkerSeen(
-            worker,
-            summary.spec_of_key(spec),
-            last_seen,
-            None if pauses is None else pauses.get(worker, (0, 0)),
-        )
+        summary.WorkerSeen(worker, summary.spec_of_key(spec), last_seen)
         for (worker, spec), last_seen in latest.items()
     ]
     return summary.summarize(
@@ -277,5 +271,5 @@ def read_summary(
         now=now,
         live_window=live_window,
         store=where,
-        pauses_known=pauses is not None,
+        pauses=pauses,
     )
